@@ -1,0 +1,627 @@
+// GRU4Rec training steps as one Paddle custom CPU operator.
+//
+// A dygraph training step of GRU4Rec is some 60 small Paddle operators (gathers, a GRU
+// cell, a B x (B + n_sample) score matrix, the loss, their backward passes and a
+// row-sparse optimizer update per parameter). At batch 32 the arithmetic takes well
+// under a millisecond while the per-operator overhead takes several: this operator runs
+// a whole batch of session-parallel steps (forward, loss, backward and update) in one
+// call, with the large products done by MKL's sgemm (shipped inside the paddlepaddle
+// wheel) and exponentials by MKL's vsExp.
+//
+// The arithmetic is that of model.py's reference step (Paddle operators with autograd);
+// tests/test_fused_kernel.py holds the two to the same parameters after training.
+//
+// Parameters and optimizer slots are updated in place (this operator owns the training
+// state's memory for the duration of the call; the Python side never reads the tensors
+// concurrently). Layout of `params` (model.py GRU4RecNet.param_names):
+//   [input_emb]  (embedding == separate)
+//   per layer l: w_ih [in, 3h], w_hh [h, 3h], b_ih [3h], b_hh [3h]   (gates r, z, candidate)
+//   item_emb [n_items, d], item_bias [n_items]
+// `slots`: for every parameter its Adagrad accumulator (optimizer adagrad), then for every
+// parameter its momentum buffer (when momentum > 0).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "paddle/extension.h"
+
+extern "C" {
+void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc);
+void vsExp(int n, const float* a, float* y);
+void vsTanh(int n, const float* a, float* y);
+}
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+enum Embedding { kShared = 0, kSeparate = 1, kOneHot = 2 };
+enum Loss { kCrossEntropy = 0, kBprMax = 1, kTop1Max = 2, kFullSoftmax = 3 };
+enum Optimizer { kAdagrad = 0, kSgd = 1 };
+constexpr float kAdagradEps = 1e-6f;
+
+// C[m, n] = op(A) op(B) + beta * C, row-major
+void gemm(bool ta, bool tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc,
+          float beta = 0.f) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (beta == 0.f)
+      for (int i = 0; i < m; ++i) std::memset(c + (int64_t)i * ldc, 0, sizeof(float) * n);
+    return;
+  }
+  cblas_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.f, a, lda, b, ldb, beta, c, ldc);
+}
+
+// splitmix64: a small, fast generator for dropout masks
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed) {}
+  inline uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  inline float uniform() { return (next() >> 40) * (1.0f / 16777216.0f); }
+};
+
+// Inverted dropout: mask holds 0 or 1/(1-p); x *= mask.
+void dropout(float* x, float* mask, int64_t size, float p, Rng& rng) {
+  const float keep_scale = 1.f / (1.f - p);
+  for (int64_t i = 0; i < size; ++i) {
+    mask[i] = rng.uniform() >= p ? keep_scale : 0.f;
+    x[i] *= mask[i];
+  }
+}
+
+float* mut(const paddle::Tensor& t) { return const_cast<float*>(t.data<float>()); }
+
+// Gradient rows of an item-indexed parameter, summed per distinct row (the update is not
+// linear in the gradient, so repeated rows must be merged first, as the official code does).
+struct SparseGrad {
+  int width = 0;
+  std::vector<int32_t> slot_of;  // item -> slot in rows/grad, or -1; reset after each step
+  std::vector<int64_t> rows;
+  std::vector<float> grad;
+
+  void init(int64_t n_items, int w) {
+    width = w;
+    if ((int64_t)slot_of.size() != n_items) slot_of.assign(n_items, -1);
+    rows.clear();
+    grad.clear();
+  }
+  float* row(int64_t item) {
+    int32_t s = slot_of[item];
+    if (s < 0) {
+      s = slot_of[item] = (int32_t)rows.size();
+      rows.push_back(item);
+      grad.resize(grad.size() + width, 0.f);
+    }
+    return grad.data() + (int64_t)s * width;
+  }
+  void add(int64_t item, const float* g, float scale = 1.f) {
+    float* dst = row(item);
+    for (int k = 0; k < width; ++k) dst[k] += scale * g[k];
+  }
+  void clear() {
+    for (int64_t r : rows) slot_of[r] = -1;
+    rows.clear();
+    grad.clear();
+  }
+};
+
+struct Update {
+  int kind;
+  float lr, momentum;
+  // p += step(g) over one contiguous range; acc (adagrad) and mom (momentum > 0) may be null
+  inline void apply(float* __restrict p, const float* __restrict g, float* __restrict acc, float* __restrict mom,
+                    int64_t size) const {
+    const float lr_ = lr, mu = momentum;
+    if (kind == kAdagrad) {
+      if (mom) {
+#pragma GCC ivdep
+        for (int64_t i = 0; i < size; ++i) {
+          const float a = acc[i] + g[i] * g[i];
+          acc[i] = a;
+          const float m = mom[i] * mu - lr_ * g[i] / std::sqrt(a + kAdagradEps);
+          mom[i] = m;
+          p[i] += m;
+        }
+      } else {
+#pragma GCC ivdep
+        for (int64_t i = 0; i < size; ++i) {
+          const float a = acc[i] + g[i] * g[i];
+          acc[i] = a;
+          p[i] -= lr_ * g[i] / std::sqrt(a + kAdagradEps);
+        }
+      }
+    } else {
+      if (mom) {
+#pragma GCC ivdep
+        for (int64_t i = 0; i < size; ++i) {
+          const float m = mom[i] * mu - lr_ * g[i];
+          mom[i] = m;
+          p[i] += m;
+        }
+      } else {
+#pragma GCC ivdep
+        for (int64_t i = 0; i < size; ++i) p[i] -= lr_ * g[i];
+      }
+    }
+  }
+};
+
+struct Param {
+  float* value = nullptr;
+  float* acc = nullptr;
+  float* mom = nullptr;
+  int64_t size = 0;
+};
+
+struct Layer {
+  int in = 0, h = 0;
+  int w_ih = 0, w_hh = 0, b_ih = 0, b_hh = 0;  // indexes into params
+  // per step buffers
+  std::vector<float> x, h_in, gi, gh, r, z, c, out, mask;
+  std::vector<float> d_w_ih, d_w_hh, d_b_ih, d_b_hh, dgi, dgh;
+};
+
+struct Scratch {
+  std::vector<float> prev_hidden, next_hidden, h_in, x0, mask0, out_rows, out_bias, scores, tmp, shift, d_x,
+      d_out_rows, d_bias, d_prev;
+  std::vector<int64_t> cols;
+  SparseGrad item_emb, item_bias, input_emb;
+};
+
+void check_ids(const int64_t* ids, int64_t n, int64_t n_items, const char* what) {
+  for (int64_t i = 0; i < n; ++i)
+    PD_CHECK(ids[i] >= 0 && ids[i] < n_items, what, " holds item id ", ids[i], " outside [0, ", n_items, ")");
+}
+
+// Row loss and d(loss)/d(scores) for the sampled losses; row i's target is column `target`.
+// Writes the gradient into `row` (in place) already multiplied by `scale`; returns the loss.
+float cross_entropy_row(float* row, int64_t cols, int64_t target, const float* shift, float* tmp, float scale) {
+  if (shift)
+    for (int64_t j = 0; j < cols; ++j) row[j] -= shift[j];
+  float m = row[0];
+  for (int64_t j = 1; j < cols; ++j) m = std::max(m, row[j]);
+  for (int64_t j = 0; j < cols; ++j) tmp[j] = row[j] - m;
+  vsExp((int)cols, tmp, tmp);
+  double z = 0;
+  for (int64_t j = 0; j < cols; ++j) z += tmp[j];
+  const float loss = (float)(std::log(z) + m - row[target]);
+  const float inv = (float)(scale / z);
+  for (int64_t j = 0; j < cols; ++j) row[j] = tmp[j] * inv;
+  row[target] -= scale;
+  return loss;
+}
+
+// BPR-max / TOP1-max with the softmax over the negatives (the target column excluded).
+float ranking_row(int kind, float* row, int64_t cols, int64_t target, float elu, float bpreg, float* tmp,
+                  float scale) {
+  // tmp: five rows of `cols`: activated scores, softmax weights, sigmoids, gradient, second sigmoids
+  float* a = tmp;
+  float* sm = tmp + cols;
+  float* sg = tmp + 2 * cols;
+  float* sq = tmp + 3 * cols;
+  float* sq2 = tmp + 4 * cols;
+  for (int64_t j = 0; j < cols; ++j) a[j] = row[j];
+  if (elu > 0) {
+    for (int64_t j = 0; j < cols; ++j) sq[j] = std::min(row[j], 0.f);
+    vsExp((int)cols, sq, sq);
+    for (int64_t j = 0; j < cols; ++j)
+      if (row[j] <= 0) a[j] = elu * (sq[j] - 1.f);
+  }
+  // softmax over the non-target columns; the target column counts as 0 for the max (as the official mask does)
+  const float at = a[target];
+  float m = 0.f;
+  for (int64_t j = 0; j < cols; ++j)
+    if (j != target) m = std::max(m, a[j]);
+  for (int64_t j = 0; j < cols; ++j) sm[j] = (j == target ? 0.f : a[j]) - m;
+  vsExp((int)cols, sm, sm);
+  sm[target] = 0.f;
+  double zsum = 0;
+  for (int64_t j = 0; j < cols; ++j) zsum += sm[j];
+  const float inv_z = (float)(1.0 / zsum);
+  for (int64_t j = 0; j < cols; ++j) sm[j] *= inv_z;
+
+  float loss = 0.f;
+  if (kind == kBprMax) {
+    // sg = sigmoid(a_t - a_j)
+    for (int64_t j = 0; j < cols; ++j) sg[j] = a[j] - at;
+    vsExp((int)cols, sg, sg);
+    for (int64_t j = 0; j < cols; ++j) sg[j] = 1.f / (1.f + sg[j]);
+    double p = 0, reg = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      p += (double)sg[j] * sm[j];
+      reg += (double)a[j] * a[j] * sm[j];
+    }
+    const float pe = (float)p + 1e-24f;
+    loss = -std::log(pe) + bpreg * (float)reg;
+    double d_target = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      if (j == target) continue;
+      d_target += (double)sm[j] * sg[j] * (1.f - sg[j]);
+      sq[j] = -sm[j] * (sg[j] * sg[j] - (float)p) / pe + bpreg * sm[j] * (2.f * a[j] + a[j] * a[j] - (float)reg);
+    }
+    sq[target] = (float)(-d_target / pe);
+  } else {
+    // TOP1-max: sum_j sm_j (sigmoid(a_j - a_t) + sigmoid(a_j^2))
+    for (int64_t j = 0; j < cols; ++j) sg[j] = at - a[j];
+    vsExp((int)cols, sg, sg);
+    for (int64_t j = 0; j < cols; ++j) sg[j] = 1.f / (1.f + sg[j]);  // sigmoid(a_j - a_t)
+    for (int64_t j = 0; j < cols; ++j) sq2[j] = -a[j] * a[j];
+    vsExp((int)cols, sq2, sq2);
+    for (int64_t j = 0; j < cols; ++j) sq2[j] = 1.f / (1.f + sq2[j]);  // sigmoid(a_j^2)
+    double l = 0;
+    for (int64_t j = 0; j < cols; ++j) l += (double)sm[j] * (sg[j] + sq2[j]);
+    loss = (float)l;
+    double d_target = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      if (j == target) continue;
+      const float ds = sg[j] * (1.f - sg[j]);
+      const float dq = sq2[j] * (1.f - sq2[j]);
+      d_target -= (double)sm[j] * ds;
+      sq[j] = sm[j] * (sg[j] + sq2[j] - (float)l) + sm[j] * (ds + 2.f * a[j] * dq);
+    }
+    sq[target] = (float)d_target;
+  }
+  // through the ELU: d a / d s = 1 for s > 0, a + elu otherwise
+  for (int64_t j = 0; j < cols; ++j) {
+    const float da_ds = (elu > 0 && row[j] <= 0) ? a[j] + elu : 1.f;
+    row[j] = sq[j] * da_ds * scale;
+  }
+  return loss;
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>& params,
+                                              const std::vector<paddle::Tensor>& slots, const paddle::Tensor& hidden,
+                                              const paddle::Tensor& step_offsets, const paddle::Tensor& inputs,
+                                              const paddle::Tensor& targets, const paddle::Tensor& carry,
+                                              const paddle::Tensor& samples, const paddle::Tensor& log_support,
+                                              int embedding, int loss_kind, int optimizer, int batch_size,
+                                              float dropout_embed, float dropout_hidden, float logq, float sample_alpha,
+                                              float bpreg, float elu, float lr, float momentum, int64_t seed) {
+  const bool separate = embedding == kSeparate, one_hot = embedding == kOneHot;
+  const int first = separate ? 1 : 0;
+  const int n_layers = (int)(params.size() - 2 - first) / 4;
+  PD_CHECK(n_layers >= 1 && (int)params.size() == first + 4 * n_layers + 2, "unexpected parameter list");
+  const paddle::Tensor& item_emb_t = params[first + 4 * n_layers];
+  const int64_t n_items = item_emb_t.shape()[0];
+  const int d = (int)item_emb_t.shape()[1];
+  const int n_params = (int)params.size();
+  const bool with_acc = optimizer == kAdagrad;
+  const bool with_mom = momentum > 0.f;
+  PD_CHECK((int)slots.size() == n_params * ((with_acc ? 1 : 0) + (with_mom ? 1 : 0)), "unexpected optimizer slots");
+
+  std::vector<Param> p(n_params);
+  for (int i = 0; i < n_params; ++i) {
+    p[i].value = mut(params[i]);
+    p[i].size = params[i].numel();
+    int s = 0;
+    if (with_acc) p[i].acc = mut(slots[s++ * n_params + i]);
+    if (with_mom) p[i].mom = mut(slots[s * n_params + i]);
+  }
+  const int item_emb = first + 4 * n_layers, item_bias = item_emb + 1;
+
+  static thread_local std::vector<Layer> layers;
+  layers.resize(n_layers);
+  int total_h = 0;
+  for (int l = 0; l < n_layers; ++l) {
+    Layer& L = layers[l];
+    L.w_ih = first + 4 * l;
+    L.w_hh = L.w_ih + 1;
+    L.b_ih = L.w_ih + 2;
+    L.b_hh = L.w_ih + 3;
+    L.in = (int)params[L.w_ih].shape()[0];
+    L.h = (int)params[L.w_hh].shape()[0];
+    total_h += L.h;
+    if (!one_hot || l > 0) {
+      L.d_w_ih.resize((int64_t)L.in * 3 * L.h);
+    }
+    L.d_w_hh.resize((int64_t)L.h * 3 * L.h);
+    L.d_b_ih.resize(3 * L.h);
+    L.d_b_hh.resize(3 * L.h);
+  }
+  const int in0 = one_hot ? 0 : layers[0].in;
+
+  const int64_t n_steps = step_offsets.numel() - 1;
+  const int64_t* offs = step_offsets.data<int64_t>();
+  const int64_t* in_ids = inputs.data<int64_t>();
+  const int64_t* tg_ids = targets.data<int64_t>();
+  const int64_t* car = carry.data<int64_t>();
+  const int64_t n_sample = samples.numel() ? samples.shape()[1] : 0;
+  const int64_t* smp = samples.numel() ? samples.data<int64_t>() : nullptr;
+  const float* log_sup = log_support.data<float>();
+  check_ids(in_ids, inputs.numel(), n_items, "inputs");
+  check_ids(tg_ids, targets.numel(), n_items, "targets");
+  if (smp) check_ids(smp, samples.numel(), n_items, "samples");
+
+  // buffers live across calls: fresh pages cost a kernel page-clear each time
+  static thread_local Scratch sc;
+  sc.item_emb.init(n_items, d);
+  sc.item_bias.init(n_items, 1);
+  if (separate) sc.input_emb.init(n_items, in0);
+  if (one_hot) sc.input_emb.init(n_items, 3 * layers[0].h);
+
+  int64_t prev_rows = hidden.numel() ? hidden.shape()[0] : 0;
+  PD_CHECK(prev_rows == 0 || hidden.shape()[1] == total_h, "hidden state width mismatch");
+  sc.prev_hidden.assign(hidden.data<float>(), hidden.data<float>() + prev_rows * total_h);
+
+  auto losses = paddle::empty({n_steps}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  float* loss_out = losses.data<float>();
+  Rng rng((uint64_t)seed * 0x2545F4914F6CDD1DULL + 0x1234567ULL);
+  const float scale = 1.f / (float)batch_size;
+  Update upd{optimizer, lr, momentum};
+  int64_t rows = 0;
+
+  for (int64_t s = 0; s < n_steps; ++s) {
+    const int64_t lo = offs[s];
+    rows = offs[s + 1] - lo;
+    const int n = (int)rows;
+    const int64_t* x_ids = in_ids + lo;
+    const int64_t* t_ids = tg_ids + lo;
+    const int64_t* c_ids = car + lo;
+    const bool full = loss_kind == kFullSoftmax;
+    const int64_t cols = full ? n_items : n + n_sample;
+    if (!full && n_sample == 0 && n < 2) {
+      // a lone row has no negative without shared samples: the official code ends the epoch here
+      loss_out[s] = 0.f;
+      continue;
+    }
+
+    // output columns: the mini-batch's targets, then the shared negatives (or every item)
+    sc.cols.resize(cols);
+    if (full) {
+      for (int64_t j = 0; j < cols; ++j) sc.cols[j] = j;
+    } else {
+      std::memcpy(sc.cols.data(), t_ids, sizeof(int64_t) * n);
+      if (n_sample) std::memcpy(sc.cols.data() + n, smp + s * n_sample, sizeof(int64_t) * n_sample);
+    }
+
+    // carried hidden state [n, total_h]
+    sc.next_hidden.assign((int64_t)n * total_h, 0.f);
+    std::vector<float>& h_in = sc.h_in;
+    h_in.assign((int64_t)n * total_h, 0.f);
+    for (int i = 0; i < n; ++i) {
+      const int64_t c = c_ids[i];
+      PD_CHECK(c < prev_rows, "carry row ", c, " is beyond the previous step's ", prev_rows, " rows");
+      if (c >= 0) std::memcpy(&h_in[(int64_t)i * total_h], &sc.prev_hidden[c * total_h], sizeof(float) * total_h);
+    }
+
+    // ---- forward ----
+    const float* x = nullptr;
+    int x_width = 0;
+    if (!one_hot) {
+      const int64_t table = separate ? 0 : item_emb;
+      sc.x0.resize((int64_t)n * in0);
+      for (int i = 0; i < n; ++i)
+        std::memcpy(&sc.x0[(int64_t)i * in0], p[table].value + x_ids[i] * in0, sizeof(float) * in0);
+      if (dropout_embed > 0) {
+        sc.mask0.resize(sc.x0.size());
+        dropout(sc.x0.data(), sc.mask0.data(), (int64_t)sc.x0.size(), dropout_embed, rng);
+      }
+      x = sc.x0.data();
+      x_width = in0;
+    }
+    int h_off = 0;
+    for (int l = 0; l < n_layers; ++l) {
+      Layer& L = layers[l];
+      const int h = L.h, h3 = 3 * h;
+      L.gi.resize((int64_t)n * h3);
+      L.gh.resize((int64_t)n * h3);
+      L.h_in.resize((int64_t)n * h);
+      for (int i = 0; i < n; ++i)
+        std::memcpy(&L.h_in[(int64_t)i * h], &h_in[(int64_t)i * total_h + h_off], sizeof(float) * h);
+      const float* b_ih = p[L.b_ih].value;
+      const float* b_hh = p[L.b_hh].value;
+      if (one_hot && l == 0) {
+        for (int i = 0; i < n; ++i) {
+          const float* w = p[L.w_ih].value + x_ids[i] * h3;
+          for (int k = 0; k < h3; ++k) L.gi[(int64_t)i * h3 + k] = w[k] + b_ih[k];
+        }
+      } else {
+        L.x.assign(x, x + (int64_t)n * x_width);
+        for (int i = 0; i < n; ++i) std::memcpy(&L.gi[(int64_t)i * h3], b_ih, sizeof(float) * h3);
+        gemm(false, false, n, h3, x_width, L.x.data(), x_width, p[L.w_ih].value, h3, L.gi.data(), h3, 1.f);
+      }
+      for (int i = 0; i < n; ++i) std::memcpy(&L.gh[(int64_t)i * h3], b_hh, sizeof(float) * h3);
+      gemm(false, false, n, h3, h, L.h_in.data(), h, p[L.w_hh].value, h3, L.gh.data(), h3, 1.f);
+      L.r.resize((int64_t)n * h);
+      L.z.resize((int64_t)n * h);
+      L.c.resize((int64_t)n * h);
+      L.out.resize((int64_t)n * h);
+      // gates over the whole mini-batch at once: r, z = sigmoid(.), c = tanh(.) with MKL's vector functions
+      const int64_t nh = (int64_t)n * h;
+      for (int i = 0; i < n; ++i) {
+        const float* gi = &L.gi[(int64_t)i * h3];
+        const float* gh = &L.gh[(int64_t)i * h3];
+        float* r = &L.r[(int64_t)i * h];
+        float* z = &L.z[(int64_t)i * h];
+        for (int k = 0; k < h; ++k) {
+          r[k] = -(gi[k] + gh[k]);
+          z[k] = -(gi[h + k] + gh[h + k]);
+        }
+      }
+      vsExp((int)nh, L.r.data(), L.r.data());
+      vsExp((int)nh, L.z.data(), L.z.data());
+      for (int64_t e = 0; e < nh; ++e) {
+        L.r[e] = 1.f / (1.f + L.r[e]);
+        L.z[e] = 1.f / (1.f + L.z[e]);
+      }
+      for (int i = 0; i < n; ++i) {
+        const float* gi = &L.gi[(int64_t)i * h3];
+        const float* gh = &L.gh[(int64_t)i * h3];
+        const float* r = &L.r[(int64_t)i * h];
+        float* c = &L.c[(int64_t)i * h];
+        for (int k = 0; k < h; ++k) c[k] = gi[2 * h + k] + r[k] * gh[2 * h + k];
+      }
+      vsTanh((int)nh, L.c.data(), L.c.data());
+      for (int64_t e = 0; e < nh; ++e) L.out[e] = L.c[e] + L.z[e] * (L.h_in[e] - L.c[e]);
+      const float p_drop = (one_hot && l == 0) ? dropout_embed : dropout_hidden;
+      if (p_drop > 0) {
+        L.mask.resize(L.out.size());
+        dropout(L.out.data(), L.mask.data(), (int64_t)L.out.size(), p_drop, rng);
+      } else {
+        L.mask.clear();
+      }
+      // the dropped-out output is also the state the next step continues from
+      for (int i = 0; i < n; ++i)
+        std::memcpy(&sc.next_hidden[(int64_t)i * total_h + h_off], &L.out[(int64_t)i * h], sizeof(float) * h);
+      x = L.out.data();
+      x_width = h;
+      h_off += h;
+    }
+
+    // scores [n, cols] = x @ out_rows^T + bias
+    sc.out_rows.resize(cols * d);
+    sc.out_bias.resize(cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      std::memcpy(&sc.out_rows[j * d], p[item_emb].value + sc.cols[j] * d, sizeof(float) * d);
+      sc.out_bias[j] = p[item_bias].value[sc.cols[j]];
+    }
+    sc.scores.resize((int64_t)n * cols);
+    for (int i = 0; i < n; ++i) std::memcpy(&sc.scores[(int64_t)i * cols], sc.out_bias.data(), sizeof(float) * cols);
+    gemm(false, true, n, (int)cols, d, x, d, sc.out_rows.data(), d, sc.scores.data(), (int)cols, 1.f);
+
+    // ---- loss and d(loss)/d(scores), in place ----
+    const float* shift = nullptr;
+    if (loss_kind == kCrossEntropy && logq > 0) {
+      sc.shift.resize(cols);
+      for (int64_t j = 0; j < cols; ++j)
+        sc.shift[j] = logq * (j < n ? 1.f : sample_alpha) * log_sup[sc.cols[j]];
+      shift = sc.shift.data();
+    }
+    sc.tmp.resize(5 * cols);
+    double loss = 0;
+    for (int i = 0; i < n; ++i) {
+      float* row = &sc.scores[(int64_t)i * cols];
+      const int64_t target = full ? t_ids[i] : i;
+      if (loss_kind == kCrossEntropy || full)
+        loss += cross_entropy_row(row, cols, target, shift, sc.tmp.data(), scale);
+      else
+        loss += ranking_row(loss_kind, row, cols, target, elu, bpreg, sc.tmp.data(), scale);
+    }
+    loss_out[s] = (float)(loss * scale);
+    if (!std::isfinite(loss_out[s])) {
+      // stop before the update: the caller reports this step and keeps the last good checkpoint
+      for (int64_t r = s + 1; r < n_steps; ++r) loss_out[r] = 0.f;
+      break;
+    }
+
+    // ---- backward ----
+    const float* ds = sc.scores.data();
+    const int d_last = layers[n_layers - 1].h;
+    sc.d_x.resize((int64_t)n * d_last);
+    gemm(false, false, n, d_last, (int)cols, ds, (int)cols, sc.out_rows.data(), d, sc.d_x.data(), d_last);
+    sc.d_out_rows.resize(cols * d);
+    gemm(true, false, (int)cols, d, n, ds, (int)cols, x, d, sc.d_out_rows.data(), d);
+    sc.d_bias.assign(cols, 0.f);
+    for (int i = 0; i < n; ++i) {
+      const float* row = ds + (int64_t)i * cols;
+      for (int64_t j = 0; j < cols; ++j) sc.d_bias[j] += row[j];
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      sc.item_emb.add(sc.cols[j], &sc.d_out_rows[j * d]);
+      sc.item_bias.add(sc.cols[j], &sc.d_bias[j]);
+    }
+
+    std::vector<float>& d_out = sc.d_x;  // gradient w.r.t. the current layer's (dropped-out) output
+    for (int l = n_layers - 1; l >= 0; --l) {
+      Layer& L = layers[l];
+      const int h = L.h, h3 = 3 * h;
+      if (!L.mask.empty())
+        for (int64_t e = 0; e < (int64_t)n * h; ++e) d_out[e] *= L.mask[e];
+      L.dgi.resize((int64_t)n * h3);
+      L.dgh.resize((int64_t)n * h3);
+      for (int i = 0; i < n; ++i) {
+        const float* gh = &L.gh[(int64_t)i * h3];
+        float* dgi = &L.dgi[(int64_t)i * h3];
+        float* dgh = &L.dgh[(int64_t)i * h3];
+        for (int k = 0; k < h; ++k) {
+          const int64_t e = (int64_t)i * h + k;
+          const float r = L.r[e], z = L.z[e], c = L.c[e], dh = d_out[e];
+          const float dc = dh * (1.f - z);
+          const float dz = dh * (L.h_in[e] - c);
+          const float dac = dc * (1.f - c * c);
+          const float dr = dac * gh[2 * h + k];
+          const float daz = dz * z * (1.f - z);
+          const float dar = dr * r * (1.f - r);
+          dgi[k] = dar;
+          dgi[h + k] = daz;
+          dgi[2 * h + k] = dac;
+          dgh[k] = dar;
+          dgh[h + k] = daz;
+          dgh[2 * h + k] = dac * r;
+        }
+      }
+      // no backpropagation through time: the carried state is a constant, but W_hh still learns
+      gemm(true, false, h, h3, n, L.h_in.data(), h, L.dgh.data(), h3, L.d_w_hh.data(), h3);
+      std::fill(L.d_b_ih.begin(), L.d_b_ih.end(), 0.f);
+      std::fill(L.d_b_hh.begin(), L.d_b_hh.end(), 0.f);
+      for (int i = 0; i < n; ++i)
+        for (int k = 0; k < h3; ++k) {
+          L.d_b_ih[k] += L.dgi[(int64_t)i * h3 + k];
+          L.d_b_hh[k] += L.dgh[(int64_t)i * h3 + k];
+        }
+      if (one_hot && l == 0) {
+        for (int i = 0; i < n; ++i) sc.input_emb.add(x_ids[i], &L.dgi[(int64_t)i * h3]);
+        break;
+      }
+      gemm(true, false, L.in, h3, n, L.x.data(), L.in, L.dgi.data(), h3, L.d_w_ih.data(), h3);
+      // gradient w.r.t. this layer's input (the previous layer's output, or the embedding)
+      sc.d_prev.resize((int64_t)n * L.in);
+      gemm(false, true, n, L.in, h3, L.dgi.data(), h3, p[L.w_ih].value, h3, sc.d_prev.data(), L.in);
+      d_out.swap(sc.d_prev);
+    }
+    if (!one_hot) {
+      if (dropout_embed > 0)
+        for (int64_t e = 0; e < (int64_t)n * in0; ++e) d_out[e] *= sc.mask0[e];
+      SparseGrad& table = separate ? sc.input_emb : sc.item_emb;
+      for (int i = 0; i < n; ++i) table.add(x_ids[i], &d_out[(int64_t)i * in0]);
+    }
+
+    // ---- update: dense GRU matrices, then the touched rows of the item matrices ----
+    for (int l = 0; l < n_layers; ++l) {
+      Layer& L = layers[l];
+      if (!(one_hot && l == 0)) upd.apply(p[L.w_ih].value, L.d_w_ih.data(), p[L.w_ih].acc, p[L.w_ih].mom, p[L.w_ih].size);
+      upd.apply(p[L.w_hh].value, L.d_w_hh.data(), p[L.w_hh].acc, p[L.w_hh].mom, p[L.w_hh].size);
+      upd.apply(p[L.b_ih].value, L.d_b_ih.data(), p[L.b_ih].acc, p[L.b_ih].mom, p[L.b_ih].size);
+      upd.apply(p[L.b_hh].value, L.d_b_hh.data(), p[L.b_hh].acc, p[L.b_hh].mom, p[L.b_hh].size);
+    }
+    auto sparse_update = [&](SparseGrad& g, const Param& q) {
+      const int w = g.width;
+      for (size_t k = 0; k < g.rows.size(); ++k) {
+        const int64_t off = g.rows[k] * w;
+        upd.apply(q.value + off, g.grad.data() + k * w, q.acc ? q.acc + off : nullptr, q.mom ? q.mom + off : nullptr,
+                  w);
+      }
+      g.clear();
+    };
+    sparse_update(sc.item_emb, p[item_emb]);
+    sparse_update(sc.item_bias, p[item_bias]);
+    if (separate) sparse_update(sc.input_emb, p[0]);
+    if (one_hot) sparse_update(sc.input_emb, p[layers[0].w_ih]);
+
+    sc.prev_hidden.swap(sc.next_hidden);
+    prev_rows = n;
+  }
+
+  auto hidden_out = paddle::empty({rows, (int64_t)total_h}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  std::memcpy(hidden_out.data<float>(), sc.prev_hidden.data(), sizeof(float) * rows * total_h);
+  return {losses, hidden_out};
+}
+
+PD_BUILD_OP(gru4rec_train_steps)
+    .Inputs({paddle::Vec("Params"), paddle::Vec("Slots"), "Hidden", "StepOffsets", "Inputs", "Targets", "Carry",
+             "Samples", "LogSupport"})
+    .Outputs({"Losses", "HiddenOut"})
+    .Attrs({"embedding: int", "loss_kind: int", "optimizer: int", "batch_size: int", "dropout_embed: float",
+            "dropout_hidden: float", "logq: float", "sample_alpha: float", "bpreg: float", "elu: float", "lr: float",
+            "momentum: float", "seed: int64_t"})
+    .SetKernelFn(PD_KERNEL(Gru4recTrainSteps));

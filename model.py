@@ -1,0 +1,709 @@
+"""GRU4Rec on Paddle: the network, negative sampler, losses and row-sparse optimizer.
+
+Training follows the authors' scheme (Hidasi et al.; the official GRU4Rec):
+  * session-parallel mini-batches (rsc15_reader.py) with the hidden state zeroed when a
+    slot starts a new session and no backpropagation through time;
+  * scores of the B mini-batch rows against the B targets of the mini-batch plus
+    `n_sample` items shared by the mini-batch, drawn ahead in bulk with probability
+    ~ support**sample_alpha: a B x (B + n_sample) score matrix, never the whole catalogue;
+  * cross-entropy (with optional logQ correction), BPR-max or TOP1-max over those scores;
+  * Adagrad with momentum that updates only the rows of the item matrices the
+    mini-batch touched; Xavier-style uniform initialisation, zero biases.
+Evaluation scores the state after each click against ALL items.
+
+Two implementations of the training step share the parameters and the data path:
+  * "reference": Paddle operators with autograd (any device, every option);
+  * "fused": one C++ operator per batch of steps (csrc/gru4rec_cpu.cc, CPU only), the
+    same arithmetic without per-operator overhead. tests/test_fused_kernel.py holds
+    the two to the same numbers.
+"""
+
+import logging
+import math
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from paddlerec.contract import DataInfo, EvalOutput
+from paddlerec.errors import ConfigError
+from paddlerec.params import Param
+
+log = logging.getLogger(__name__)
+
+HYPER_PARAMETERS = (
+    Param("layers", "list[int]", [100], min=1,
+          help="GRU layer sizes; with a shared embedding the last size is also the item embedding size"),
+    Param("embedding", "str", "shared", choices=("shared", "separate", "none"),
+          help="input of the first GRU layer: the output item matrix (shared), its own item matrix "
+               "(separate) or the one-hot item (none)"),
+    Param("embedding_size", "int", 0, min=0, help="size of the separate input embedding; 0: the first layer's size"),
+    Param("dropout_embed", "float", 0.0, min=0.0, max=0.95, help="dropout on the input embedding"),
+    Param("dropout_hidden", "float", 0.0, min=0.0, max=0.95, help="dropout on each GRU layer's output"),
+    Param("loss", "str", "cross-entropy", choices=("cross-entropy", "bpr-max", "top1-max", "full_softmax"),
+          help="cross-entropy: softmax over the sampled scores; full_softmax: softmax over every item "
+               "(the 2020 PaddleRec loss; slow)"),
+    Param("elu_param", "float", 0.0, min=0.0,
+          help="final activation of bpr-max/top1-max scores: ELU with this alpha; 0: linear"),
+    Param("bpreg", "float", 0.0, min=0.0, help="bpr-max score regularisation weight"),
+    Param("logq", "float", 0.0, min=0.0,
+          help="cross-entropy: subtract logq * log(sampling frequency) from each score (popularity correction)"),
+    Param("n_sample", "int", 2048, min=0, help="negative items shared by a mini-batch, on top of its other targets"),
+    Param("sample_alpha", "float", 0.5, min=0.0, max=1.0,
+          help="negatives are drawn with probability ~ support**sample_alpha (0: uniform, 1: popularity)"),
+    Param("sample_store", "int", 10000000, min=1, help="negative item ids drawn ahead of time in one go"),
+    Param("optimizer.class", "str", "adagrad", choices=("adagrad", "adam", "sgd"),
+          help="adagrad (with optional momentum, as the official GRU4Rec), adam or sgd; item rows are updated "
+               "only where the mini-batch touched them"),
+    Param("optimizer.learning_rate", "float", 0.05, gt=0.0, help="learning rate"),
+    Param("optimizer.momentum", "float", 0.0, min=0.0, max=0.99, help="momentum (adagrad and sgd)"),
+    Param("seed", "int", 42, help="seed of the initial weights, dropout and negative sampling"),
+    Param("kernel", "str", "auto", choices=("auto", "fused", "reference"),
+          help="training step: fused C++ CPU operator, or Paddle operators (reference); auto: fused where it "
+               "is built and supports the settings"),
+)
+
+ADAGRAD_EPS = 1e-6
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def xavier_uniform(rng, fan_in, fan_out, shape):
+    """U(-s, s) with s = sqrt(6 / (fan_in + fan_out)), the official GRU4Rec initialisation."""
+    sigma = math.sqrt(6.0 / (fan_in + fan_out))
+    return (rng.random(shape, dtype=np.float64) * 2 * sigma - sigma).astype(np.float32)
+
+
+def gru_cell(gi, h, w_hh, b_hh):
+    """One GRU step from the input's gate pre-activations gi = x @ W_ih + b_ih.
+
+    gi: [n, 3h] (gates r, z, candidate), h: [n, h], w_hh: [h, 3h], b_hh: [3h] -> [n, h].
+    The reset gate scales the recurrent part after its product, as in torch/paddle GRUCell.
+    """
+    size = h.shape[1]
+    gh = paddle.matmul(h, w_hh) + b_hh
+    r = F.sigmoid(gi[:, :size] + gh[:, :size])
+    z = F.sigmoid(gi[:, size:2 * size] + gh[:, size:2 * size])
+    c = paddle.tanh(gi[:, 2 * size:] + r * gh[:, 2 * size:])
+    return c + z * (h - c)
+
+
+class GRU4RecNet(paddle.nn.Layer):
+    """The parameters, and the forward pass used by evaluation and by the exported model.
+
+    item_emb [n_items, layers[-1]] scores items (and is the input embedding when shared);
+    item_bias [n_items]; input_emb [n_items, embedding_size] when separate; per GRU layer l
+    gru{l}_w_ih [in, 3h] (with embedding "none", layer 0's is [n_items, 3h], looked up by
+    row), gru{l}_w_hh [h, 3h], gru{l}_b_ih [3h], gru{l}_b_hh [3h]. Every parameter has
+    stop_gradient=True: training differentiates detached copies of the rows it uses.
+    """
+
+    def __init__(self, n_items, layers, embedding, embedding_size, seed):
+        super().__init__()
+        self.n_items = n_items
+        self.layers = list(layers)
+        self.embedding = embedding
+        rng = np.random.default_rng(seed)
+        self.param_names = []
+
+        if embedding == "shared":
+            input_size = self.layers[-1]
+        elif embedding == "separate":
+            input_size = embedding_size or self.layers[0]
+            self._add("input_emb", xavier_uniform(rng, n_items, input_size, (n_items, input_size)))
+        else:
+            input_size = n_items
+        for l, size in enumerate(self.layers):
+            fan_in = input_size if l == 0 else self.layers[l - 1]
+            # one Xavier range per gate, as the official code initialises each gate matrix on its own
+            w_ih = np.concatenate([xavier_uniform(rng, fan_in, size, (fan_in, size)) for _ in range(3)], axis=1)
+            w_hh = np.concatenate([xavier_uniform(rng, size, size, (size, size)) for _ in range(3)], axis=1)
+            self._add(f"gru{l}_w_ih", w_ih)
+            self._add(f"gru{l}_w_hh", w_hh)
+            self._add(f"gru{l}_b_ih", np.zeros(3 * size, np.float32))
+            self._add(f"gru{l}_b_hh", np.zeros(3 * size, np.float32))
+        self._add("item_emb", xavier_uniform(rng, n_items, self.layers[-1], (n_items, self.layers[-1])))
+        self._add("item_bias", np.zeros(n_items, np.float32))
+        self.register_buffer("item_support", paddle.zeros([n_items], dtype="int64"), persistable=True)
+
+    def _add(self, name, value):
+        param = self.create_parameter(list(value.shape), dtype="float32",
+                                      default_initializer=paddle.nn.initializer.Assign(value))
+        param.stop_gradient = True
+        self.add_parameter(name, param)
+        self.param_names.append(name)
+
+    @property
+    def row_sparse(self):
+        """Parameters indexed by item id: only the touched rows get gradients and updates."""
+        names = ["item_emb", "item_bias"]
+        if self.embedding == "separate":
+            names.append("input_emb")
+        if self.embedding == "none":
+            names.append("gru0_w_ih")
+        return names
+
+    def gru_params(self, l):
+        return [getattr(self, f"gru{l}_{k}") for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
+
+    def step(self, items, hidden):
+        """Feed `items` [n] given `hidden` (list of [n, h]); returns the last layer's output and
+        the new hidden states. No dropout: this is the evaluation/serving pass."""
+        if self.embedding == "none":
+            w_ih, w_hh, b_ih, b_hh = self.gru_params(0)
+            x = gru_cell(paddle.gather(w_ih, items) + b_ih, hidden[0], w_hh, b_hh)
+            new_hidden, start = [x], 1
+        else:
+            table = self.item_emb if self.embedding == "shared" else self.input_emb
+            x = paddle.gather(table, items)
+            new_hidden, start = [], 0
+        for l in range(start, len(self.layers)):
+            w_ih, w_hh, b_ih, b_hh = self.gru_params(l)
+            x = gru_cell(paddle.matmul(x, w_ih) + b_ih, hidden[l], w_hh, b_hh)
+            new_hidden.append(x)
+        return x, new_hidden
+
+    def score_mask(self):
+        """[n_items]: 0 for items seen in training, -inf for the rest (never recommended)."""
+        return paddle.where(self.item_support > 0, paddle.zeros([self.n_items]),
+                            paddle.full([self.n_items], float("-inf")))
+
+    def all_scores(self, x):
+        """Scores of every item for states x [n, h] -> [n, n_items]."""
+        return paddle.matmul(x, self.item_emb, transpose_y=True) + self.item_bias
+
+
+class InferenceStep(paddle.nn.Layer):
+    """What `paddle.inference` serves: one click per row in, top-K and the next state out.
+
+    item_ids [n] int64, hidden [n, sum(layers)] float32 (zeros at a session's start) ->
+    topk_ids [n, k] int64, topk_scores [n, k] float32, next_hidden [n, sum(layers)].
+    """
+
+    def __init__(self, network, topk):
+        super().__init__()
+        self.network = network
+        self.topk = min(topk, network.n_items)
+
+    def forward(self, item_ids, hidden):
+        sizes = self.network.layers
+        hidden_list = paddle.split(hidden, sizes, axis=1) if len(sizes) > 1 else [hidden]
+        x, new_hidden = self.network.step(item_ids, hidden_list)
+        scores = self.network.all_scores(x) + self.network.score_mask()
+        topk_scores, topk_ids = paddle.topk(scores, self.topk, axis=1)
+        next_hidden = paddle.concat(new_hidden, axis=1) if len(sizes) > 1 else new_hidden[0]
+        return topk_ids, topk_scores, next_hidden
+
+
+INFERENCE_INPUTS = ("item_ids", "hidden")
+INFERENCE_OUTPUTS = ("topk_ids", "topk_scores", "next_hidden")
+
+
+class NegativeSampler:
+    """Shared negative items, drawn ahead in bulk with P(item) ~ support**alpha.
+
+    Walker's alias method: two uniform draws and one comparison per sample, so refilling a
+    store of ten million ids costs a fraction of a second (a binary search costs ~1 s).
+    """
+
+    def __init__(self, support, n_sample, alpha, store, seed):
+        weights = np.where(support > 0, support.astype(np.float64) ** alpha, 0.0)
+        self.probability = weights / weights.sum()
+        self.accept, self.alias = alias_table(self.probability)
+        self.n_sample = n_sample
+        self.rows_per_draw = max(1, store // max(n_sample, 1))
+        self.rng = np.random.default_rng(seed)
+        self.cache = np.zeros((0, n_sample), np.int64)
+        self.pointer = 0
+
+    def draw(self, size):
+        column = self.rng.integers(0, len(self.accept), size)
+        keep = self.rng.random(size) < self.accept[column]
+        return np.where(keep, column, self.alias[column])
+
+    def take(self, n_steps):
+        """[n_steps, n_sample] int64: one row of shared negatives per mini-batch."""
+        parts = []
+        while n_steps > 0:
+            if self.pointer >= len(self.cache):
+                self.cache = self.draw(self.rows_per_draw * self.n_sample).reshape(-1, self.n_sample)
+                self.pointer = 0
+            take = min(n_steps, len(self.cache) - self.pointer)
+            parts.append(self.cache[self.pointer:self.pointer + take])
+            self.pointer += take
+            n_steps -= take
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+def alias_table(probability):
+    """Walker/Vose alias table: item i is kept with accept[i], else replaced by alias[i]."""
+    n = len(probability)
+    scaled = probability * n
+    accept = np.ones(n)
+    alias = np.arange(n)
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        s, l = small.pop(), large.pop()
+        accept[s], alias[s] = scaled[s], l
+        scaled[l] -= 1.0 - scaled[s]
+        (small if scaled[l] < 1.0 else large).append(l)
+    return accept, alias
+
+
+def softmax_without_diagonal(scores):
+    """Row softmax over the negatives: the target column (diagonal) gets weight 0."""
+    n = scores.shape[0]
+    not_target = 1.0 - paddle.eye(n, scores.shape[1])
+    masked = scores * not_target
+    e = paddle.exp(masked - masked.max(axis=1, keepdim=True)) * not_target
+    return e / e.sum(axis=1, keepdim=True)
+
+
+def sampled_loss(kind, scores, logq_shift, bpreg, elu_param):
+    """Summed loss of a mini-batch. scores [n, n+S]: row i's target is column i.
+
+    logq_shift [n+S] (cross-entropy with logQ) is subtracted from every row.
+    """
+    n = scores.shape[0]
+    if kind == "cross-entropy":
+        if logq_shift is not None:
+            scores = scores - logq_shift
+        labels = paddle.arange(n, dtype="int64").unsqueeze(1)
+        return F.cross_entropy(scores, labels, reduction="sum")
+    if elu_param > 0:
+        scores = F.elu(scores, alpha=elu_param)
+    weights = softmax_without_diagonal(scores)
+    target = paddle.diagonal(scores[:, :n]).unsqueeze(1)
+    if kind == "bpr-max":
+        pair = (F.sigmoid(target - scores) * weights).sum(axis=1)
+        return (-paddle.log(pair + 1e-24) + bpreg * (scores * scores * weights).sum(axis=1)).sum()
+    if kind == "top1-max":
+        return ((F.sigmoid(scores - target) + F.sigmoid(scores * scores)) * weights).sum()
+    raise ValueError(kind)
+
+
+class RowSparseOptimizer:
+    """Adagrad (with momentum), Adam or SGD; item matrices are updated only in the rows a
+    mini-batch touched (their repeated rows' gradients summed first: the update is not linear).
+
+    State tensors are named "<parameter>.<slot>" so a checkpoint resumes in any process.
+    """
+
+    def __init__(self, network, kind, learning_rate, momentum):
+        self.kind, self.lr, self.momentum = kind, learning_rate, momentum
+        self.params = {name: getattr(network, name) for name in network.param_names}
+        self.state = {}
+        slots = {"adagrad": ["acc"] + (["mom"] if momentum > 0 else []),
+                 "sgd": ["mom"] if momentum > 0 else [],
+                 "adam": ["m", "v"]}[kind]
+        for name, param in self.params.items():
+            for slot in slots:
+                self.state[f"{name}.{slot}"] = paddle.zeros(param.shape, dtype="float32")
+        if kind == "adam":
+            self.state["step"] = paddle.zeros([1], dtype="float32")
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def set_state_dict(self, state):
+        for key, value in state.items():
+            if key not in self.state:
+                raise KeyError(key)
+            self.state[key].set_value(value)
+
+    def _update(self, name, grad, rows=None):
+        """Return the increment for the (given rows of the) parameter; updates the slots."""
+        def get(slot):
+            t = self.state[f"{name}.{slot}"]
+            return t if rows is None else paddle.gather(t, rows)
+
+        def put(slot, value):
+            t = self.state[f"{name}.{slot}"]
+            if rows is None:
+                t.set_value(value)
+            else:
+                paddle.scatter_(t, rows, value, overwrite=True)
+
+        if self.kind == "adagrad":
+            acc = get("acc") + grad * grad
+            put("acc", acc)
+            step = -self.lr * grad / paddle.sqrt(acc + ADAGRAD_EPS)
+        elif self.kind == "sgd":
+            step = -self.lr * grad
+        else:
+            b1, b2 = ADAM_BETAS
+            t = float(self.state["step"].item())
+            m = get("m") * b1 + (1 - b1) * grad
+            v = get("v") * b2 + (1 - b2) * grad * grad
+            put("m", m)
+            put("v", v)
+            step = -self.lr * (m / (1 - b1 ** t)) / (paddle.sqrt(v / (1 - b2 ** t)) + ADAM_EPS)
+        if self.momentum > 0 and self.kind != "adam":
+            mom = get("mom") * self.momentum + step
+            put("mom", mom)
+            step = mom
+        return step
+
+    def apply(self, dense, sparse):
+        """dense: {name: grad}; sparse: {name: (rows, grad [m, ...])}, rows a numpy int64 [m] array of
+        item ids, repeats allowed."""
+        if self.kind == "adam":
+            self.state["step"].set_value(self.state["step"] + 1)
+        for name, grad in dense.items():
+            param = self.params[name]
+            param.set_value(param + self._update(name, grad))
+        for name, (rows, grad) in sparse.items():
+            # rows are host ids: np.unique costs ~0.1 ms where paddle.unique costs ~7 ms on CPU
+            unique, inverse = np.unique(rows, return_inverse=True)
+            unique, inverse = paddle.to_tensor(unique), paddle.to_tensor(inverse)
+            summed = paddle.index_add(paddle.zeros([unique.shape[0]] + list(grad.shape[1:]), grad.dtype),
+                                      inverse, 0, grad)
+            param = self.params[name]
+            paddle.scatter_(param, unique, paddle.gather(param, unique) + self._update(name, summed, unique),
+                            overwrite=True)
+
+
+class Model:
+    """The model contract of paddlerec (see paddlerec/contract.py)."""
+
+    def __init__(self, hparams, data: DataInfo):
+        self.hp = hparams
+        layers = hparams["layers"]
+        if not layers:
+            raise ConfigError("hyper_parameters.layers", "needs at least one layer size, e.g. [100]")
+        self.loss_kind = hparams["loss"]
+        self.n_sample = hparams["n_sample"] if self.loss_kind != "full_softmax" else 0
+        if self.loss_kind in ("bpr-max", "top1-max") and self.n_sample == 0:
+            log.info("n_sample is 0: %s uses only the other targets of the mini-batch as negatives", self.loss_kind)
+        self.data = data
+        self.network = GRU4RecNet(data.n_items, layers, hparams["embedding"], hparams["embedding_size"],
+                                  hparams["seed"])
+        if data.item_support is not None:
+            self.network.item_support.set_value(paddle.to_tensor(data.item_support, dtype="int64"))
+        self.optimizer = RowSparseOptimizer(self.network, hparams["optimizer.class"],
+                                            hparams["optimizer.learning_rate"], hparams["optimizer.momentum"])
+        self.batch_size = None  # the configured mini-batch size normalises the loss; set by begin_epoch
+        self.hidden = None
+        self.grad_reducer = None  # distributed training combines gradients here
+        self._sampler = None
+        self._kernel = None  # None: not decided yet; False: reference path; else a FusedKernel
+
+    # ---- contract -------------------------------------------------------------------
+    def signature(self):
+        net = self.network
+        return {"n_items": net.n_items, "layers": net.layers, "embedding": net.embedding,
+                "parameters": {n: list(getattr(net, n).shape) for n in net.param_names}}
+
+    def optimizer_state(self):
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state):
+        self.optimizer.set_state_dict(state)
+
+    def known_items(self):
+        return self.network.item_support.numpy() > 0
+
+    def begin_epoch(self, epoch, training, batch_size=None):
+        """Fresh hidden state; dropout seeded from (seed, epoch). The negative-sample store is one
+        stream over all epochs, as in the official code."""
+        self.hidden = None
+        self.batch_size = batch_size
+        if training:
+            seed = self.hp["seed"]
+            paddle.seed(seed * 1000003 + epoch)
+            self.step_rng = np.random.default_rng([seed, epoch, 1])
+
+    @property
+    def sampler(self):
+        if self._sampler is None:
+            support = self.network.item_support.numpy()
+            self._sampler = NegativeSampler(support, self.n_sample, self.hp["sample_alpha"], self.hp["sample_store"],
+                                            seed=[self.hp["seed"], 2])
+        return self._sampler
+
+    def train_step(self, batch):
+        """Train on every mini-batch of `batch`; returns their losses (sum over rows / batch_size)."""
+        samples = self.sampler.take(batch.n_steps) if self.n_sample > 0 else None
+        kernel = self.kernel()
+        if kernel is not None:
+            return kernel.train(self, batch, samples)
+        losses = np.zeros(batch.n_steps, np.float64)
+        for s in range(batch.n_steps):
+            inputs, targets, carry, _ = batch.step(s)
+            losses[s] = self._reference_step(inputs, targets, carry, None if samples is None else samples[s])
+        return losses
+
+    def eval_step(self, batch, topk, tie_mode):
+        net = self.network
+        mask = net.score_mask()
+        ranks, query_ids, topk_ids, topk_scores = [], [], [], []
+        k = min(topk, net.n_items)
+        with paddle.no_grad():
+            for s in range(batch.n_steps):
+                inputs, targets, carry, sessions = batch.step(s)
+                hidden = self._carried(carry)
+                x, self.hidden = net.step(paddle.to_tensor(inputs), hidden)
+                scores = net.all_scores(x) + mask
+                has_target = targets >= 0
+                if has_target.any():
+                    rows = paddle.to_tensor(np.flatnonzero(has_target))
+                    ranks.append(rank_targets(paddle.gather(scores, rows), paddle.to_tensor(targets[has_target]),
+                                              tie_mode))
+                if not has_target.all():
+                    ended = np.flatnonzero(~has_target)
+                    values, ids = paddle.topk(paddle.gather(scores, paddle.to_tensor(ended)), k, axis=1)
+                    query_ids.append(sessions[ended])
+                    topk_ids.append(ids.numpy())
+                    topk_scores.append(values.numpy())
+        cat = lambda parts, shape, dtype: np.concatenate(parts) if parts else np.zeros(shape, dtype)
+        return EvalOutput(ranks=cat(ranks, (0,), np.float64), query_ids=cat(query_ids, (0,), np.int64),
+                          topk_ids=cat(topk_ids, (0, k), np.int64), topk_scores=cat(topk_scores, (0, k), np.float32))
+
+    def export(self, path_prefix, topk):
+        step = InferenceStep(self.network, topk)
+        width = sum(self.network.layers)
+        specs = [paddle.static.InputSpec([None], "int64", INFERENCE_INPUTS[0]),
+                 paddle.static.InputSpec([None, width], "float32", INFERENCE_INPUTS[1])]
+        static = paddle.jit.to_static(step, input_spec=specs, full_graph=True)
+        paddle.jit.save(static, path_prefix, input_spec=specs)
+        return {"inputs": list(INFERENCE_INPUTS), "outputs": list(INFERENCE_OUTPUTS), "topk": step.topk,
+                "hidden_size": width, "layers": list(self.network.layers), "n_items": self.network.n_items}
+
+    # ---- the reference training step -----------------------------------------------------
+    def kernel(self):
+        """The fused C++ step when configured and usable, else None (reference path). Decided once."""
+        if self._kernel is None:
+            self._kernel = choose_kernel(self)
+        return self._kernel or None
+
+    def _carried(self, carry):
+        """Hidden states for rows continuing from the previous step (carry >= 0) or starting at zero."""
+        n = len(carry)
+        if self.hidden is None or (carry < 0).all():
+            return [paddle.zeros([n, size]) for size in self.network.layers]
+        index = paddle.to_tensor(carry + 1)
+        return [paddle.gather(paddle.concat([paddle.zeros([1, h.shape[1]]), h]), index) for h in self.hidden]
+
+    def _reference_step(self, inputs, targets, carry, sample):
+        """One mini-batch with Paddle operators: forward, loss, backward, update. Returns the loss."""
+        net, hp = self.network, self.hp
+        n = len(inputs)
+        if sample is None and self.loss_kind != "full_softmax" and n < 2:
+            return 0.0  # a lone row has no negative without shared samples: the official code ends the epoch here
+        hidden = self._carried(carry)
+        if self.loss_kind == "full_softmax":
+            y_host = np.arange(net.n_items, dtype=np.int64)
+        elif sample is not None:
+            y_host = np.concatenate([targets, sample])
+        else:
+            y_host = targets
+        x_ids, y_ids = paddle.to_tensor(inputs), paddle.to_tensor(y_host)
+
+        sparse_rows, leaves = {}, {}
+
+        def rows_of(name, ids, host_ids):
+            # a detached copy of the rows this step uses: its gradient is the sparse gradient
+            leaf = paddle.gather(getattr(net, name), ids).detach()
+            leaf.stop_gradient = False
+            sparse_rows.setdefault(name, []).append((host_ids, leaf))
+            return leaf
+
+        def dense(name):
+            leaf = getattr(net, name).detach()
+            leaf.stop_gradient = False
+            leaves[name] = leaf
+            return leaf
+
+        start = 0
+        if net.embedding == "shared":
+            both_host = np.concatenate([inputs, y_host])
+            both = rows_of("item_emb", paddle.to_tensor(both_host), both_host)
+            x, out_rows = both[:n], both[n:]
+        else:
+            out_rows = rows_of("item_emb", y_ids, y_host)
+            if net.embedding == "separate":
+                x = rows_of("input_emb", x_ids, inputs)
+            else:
+                gi = rows_of("gru0_w_ih", x_ids, inputs) + dense("gru0_b_ih")
+                x = gru_cell(gi, hidden[0], dense("gru0_w_hh"), dense("gru0_b_hh"))
+                start = 1
+        new_hidden = []
+        if hp["dropout_embed"] > 0:
+            x = F.dropout(x, hp["dropout_embed"], training=True)
+        if start == 1:
+            new_hidden.append(x)
+        for l in range(start, len(net.layers)):
+            gi = paddle.matmul(x, dense(f"gru{l}_w_ih")) + dense(f"gru{l}_b_ih")
+            x = gru_cell(gi, hidden[l], dense(f"gru{l}_w_hh"), dense(f"gru{l}_b_hh"))
+            if hp["dropout_hidden"] > 0:
+                x = F.dropout(x, hp["dropout_hidden"], training=True)
+            new_hidden.append(x)  # the dropped-out state is what the next step continues from
+        bias = rows_of("item_bias", y_ids, y_host)
+        scores = paddle.matmul(x, out_rows, transpose_y=True) + bias
+
+        if self.loss_kind == "full_softmax":
+            loss = F.cross_entropy(scores, paddle.to_tensor(targets).unsqueeze(1), reduction="sum")
+        else:
+            shift = None
+            if self.loss_kind == "cross-entropy" and hp["logq"] > 0:
+                shift = hp["logq"] * self._log_sampling_weight(targets, sample)
+            loss = sampled_loss(self.loss_kind, scores, shift, hp["bpreg"], hp["elu_param"])
+        loss = loss / self.batch_size
+        loss.backward()
+
+        dense_grads = {name: leaf.grad for name, leaf in leaves.items()}
+        sparse_grads = {}
+        for name, parts in sparse_rows.items():
+            rows = np.concatenate([ids for ids, _ in parts]) if len(parts) > 1 else parts[0][0]
+            grads = paddle.concat([leaf.grad for _, leaf in parts]) if len(parts) > 1 else parts[0][1].grad
+            sparse_grads[name] = (rows, grads)
+        if self.grad_reducer is not None:
+            dense_grads, sparse_grads = self.grad_reducer(dense_grads, sparse_grads)
+        with paddle.no_grad():
+            self.optimizer.apply(dense_grads, sparse_grads)
+        self.hidden = [h.detach() for h in new_hidden]
+        return float(loss.item())
+
+    def _log_sampling_weight(self, targets, sample):
+        """log of each column's sampling weight: support for the mini-batch targets (drawn by the
+        data), support**alpha for the shared negatives (drawn by the sampler)."""
+        if not hasattr(self, "_log_support"):
+            support = np.maximum(self.network.item_support.numpy(), 1).astype(np.float64)
+            self._log_support = np.log(support).astype(np.float32)
+        parts = [self._log_support[targets]]
+        if sample is not None:
+            parts.append(self.hp["sample_alpha"] * self._log_support[sample])
+        return paddle.to_tensor(np.concatenate(parts))
+
+
+def rank_targets(scores, targets, tie_mode):
+    """Rank of each row's target among all items (1 = best). scores [n, n_items], targets [n]."""
+    target_scores = paddle.take_along_axis(scores, targets.unsqueeze(1), axis=1)
+    if bool(paddle.isnan(target_scores).any()):
+        raise FloatingPointError("the model produced NaN scores")
+    higher = (scores > target_scores).astype("float64").sum(axis=1)
+    if tie_mode == "standard":
+        ranks = higher + 1
+    else:
+        equal = (scores == target_scores).astype("float64").sum(axis=1)  # includes the target itself
+        ranks = higher + equal if tie_mode == "conservative" else higher + 0.5 * (equal - 1) + 1
+    return ranks.numpy()
+
+
+# ---- the fused C++ training step ------------------------------------------------------------
+
+KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "gru4rec_cpu.cc")
+KERNEL_BUILD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "gru4rec_cpu")
+EMBEDDING_CODES = {"shared": 0, "separate": 1, "none": 2}
+LOSS_CODES = {"cross-entropy": 0, "bpr-max": 1, "top1-max": 2, "full_softmax": 3}
+OPTIMIZER_CODES = {"adagrad": 0, "sgd": 1}
+_kernel_module = None
+
+
+class KernelUnavailable(Exception):
+    pass
+
+
+def load_kernel_module():
+    """Build (first time; `sh setup.sh` does it) or load the C++ operator. Raises KernelUnavailable."""
+    global _kernel_module
+    if _kernel_module is not None:
+        return _kernel_module
+    import contextlib
+    import io
+
+    from paddle.utils.cpp_extension import load
+
+    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
+    if not os.path.isfile(os.path.join(libs, "libmklml_intel.so")):
+        raise KernelUnavailable(f"this paddlepaddle wheel has no MKL ({libs}/libmklml_intel.so)")
+    os.makedirs(KERNEL_BUILD_DIR, exist_ok=True)
+    captured = io.StringIO()
+    paddle_log = logging.getLogger("paddle.utils.cpp_extension.extension_utils")
+    level = paddle_log.level
+    paddle_log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(captured):
+            _kernel_module = load(
+                name="gru4rec_cpu", sources=[KERNEL_SOURCE], build_directory=KERNEL_BUILD_DIR,
+                extra_cxx_cflags=["-O3", "-march=native", "-fno-math-errno"],
+                extra_ldflags=[f"-L{libs}", "-l:libmklml_intel.so", f"-Wl,-rpath,{libs}"], verbose=False)
+    except Exception as exc:  # a compiler or loader failure: say why, the caller decides
+        lines = [l for l in (str(exc) + "\n" + captured.getvalue()).splitlines() if "error" in l.lower()]
+        raise KernelUnavailable((lines[0] if lines else str(exc).splitlines()[0])[:300]) from None
+    finally:
+        paddle_log.setLevel(level)
+    return _kernel_module
+
+
+def kernel_limits(model):
+    """Why the fused step cannot run this model, or None."""
+    if paddle.get_device() != "cpu":
+        return f"it runs on the CPU only (device is {paddle.get_device()})"
+    if model.hp["optimizer.class"] not in OPTIMIZER_CODES:
+        return f"it implements adagrad and sgd, not {model.hp['optimizer.class']}"
+    if model.grad_reducer is not None:
+        return "distributed training combines gradients between the steps"
+    return None
+
+
+def choose_kernel(model):
+    choice = model.hp["kernel"]
+    if choice == "reference":
+        return False
+    reason = kernel_limits(model)
+    if reason is None:
+        try:
+            return FusedKernel(load_kernel_module())
+        except KernelUnavailable as exc:
+            reason = f"it could not be built ({exc}); run `sh setup.sh`"
+    if choice == "fused":
+        raise ConfigError("hyper_parameters.kernel", f"fused, but {reason}; set `kernel: auto` or `reference`")
+    log.info("training with Paddle operators (kernel: reference) because the fused kernel: %s", reason)
+    return False
+
+
+class FusedKernel:
+    """Calls the C++ operator on a whole batch of session-parallel steps."""
+
+    def __init__(self, module):
+        self.op = module.gru4rec_train_steps
+        self._log_support = None
+
+    def train(self, model, batch, samples):
+        net, hp, opt = model.network, model.hp, model.optimizer
+        names = net.param_names
+        params = [getattr(net, n) for n in names]
+        slots = []
+        if opt.kind == "adagrad":
+            slots += [opt.state[f"{n}.acc"] for n in names]
+        if opt.momentum > 0:
+            slots += [opt.state[f"{n}.mom"] for n in names]
+        width = sum(net.layers)
+        hidden = model.hidden if model.hidden is not None else paddle.zeros([0, width])
+        if self._log_support is None:
+            support = np.maximum(net.item_support.numpy(), 1).astype(np.float64)
+            self._log_support = paddle.to_tensor(np.log(support).astype(np.float32))
+        sample_t = paddle.to_tensor(samples) if samples is not None else paddle.zeros([0, 0], dtype="int64")
+        seed = int(model.step_rng.integers(0, 2 ** 62))
+        losses, model.hidden = self.op(
+            params, slots, hidden, paddle.to_tensor(batch.step_offsets), paddle.to_tensor(batch.inputs),
+            paddle.to_tensor(batch.targets), paddle.to_tensor(batch.carry), sample_t, self._log_support,
+            EMBEDDING_CODES[net.embedding], LOSS_CODES[model.loss_kind], OPTIMIZER_CODES[opt.kind], model.batch_size,
+            float(hp["dropout_embed"]), float(hp["dropout_hidden"]), float(hp["logq"]), float(hp["sample_alpha"]),
+            float(hp["bpreg"]), float(hp["elu_param"]), float(opt.lr), float(opt.momentum), seed)
+        return losses.numpy().astype(np.float64)
+
+
+def build_kernel():
+    """`sh setup.sh` calls this so the first training run does not wait for the compiler."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        load_kernel_module()
+    except KernelUnavailable as exc:
+        log.warning("the fused CPU kernel could not be built (%s); training will use Paddle operators", exc)
+        return 1
+    log.info("fused CPU kernel ready in %s", KERNEL_BUILD_DIR)
+    return 0

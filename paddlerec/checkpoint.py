@@ -1,0 +1,167 @@
+"""Checkpoints and inference models on disk, written so that a kill never leaves a broken one.
+
+Layout: `<root>/<epoch>/` holds
+    model.pdparams   the network's state_dict (paddle.save)
+    optimizer.pdopt  the optimizer's state (named tensors)
+    meta.json        epoch, data info, model signature, hyper_parameters — written last
+Inference models: `<root>/<epoch>/` holds model.json + model.pdiparams (paddle.jit.save),
+io.json (input/output names in order) and vocab.txt when the item ids have labels.
+
+Everything is written into a hidden temporary folder next to the target and renamed into
+place only when complete; a folder without meta.json/io.json is never picked up.
+"""
+
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+
+import paddle
+
+from .errors import CheckpointError, UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+META = "meta.json"
+IO = "io.json"
+
+
+class SaveError(UserError):
+    exit_code = 1
+    prefix = "save error"
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_folder(root, name, fill):
+    """Create `<root>/<name>/` by calling fill(tmp_folder) and renaming; replaces an old one."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        fill(tmp)
+        for entry in os.listdir(tmp):
+            path = os.path.join(tmp, entry)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        final = os.path.join(root, name)
+        old = None
+        if os.path.exists(final):
+            old = os.path.join(root, f".old-{name}-{os.getpid()}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+    except OSError as exc:
+        shutil.rmtree(os.path.join(root, f".tmp-{name}-{os.getpid()}"), ignore_errors=True)
+        hint = "free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions"
+        raise SaveError(f"cannot write {os.path.join(root, name)}: {exc.strerror or exc}; {hint}. "
+                        f"Earlier checkpoints are untouched.") from None
+
+
+def save_checkpoint(root, epoch, model, meta):
+    """Write checkpoint `<root>/<epoch>`; meta (JSON-able) gets epoch and signature added."""
+    def fill(tmp):
+        paddle.save(model.network.state_dict(), os.path.join(tmp, "model.pdparams"))
+        paddle.save(model.optimizer_state(), os.path.join(tmp, "optimizer.pdopt"))
+        _write_json(os.path.join(tmp, META), dict(meta, format=FORMAT, epoch=epoch, signature=model.signature(),
+                                                  saved_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    return atomic_folder(root, str(epoch), fill)
+
+
+def export_inference(root, epoch, model, topk, labels):
+    """Write inference model `<root>/<epoch>` (paddle.jit.save) with io.json and the vocab."""
+    def fill(tmp):
+        io = model.export(os.path.join(tmp, "model"), topk)
+        if labels is not None:
+            with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(labels) + "\n")
+        _write_json(os.path.join(tmp, IO), dict(io, format=FORMAT, epoch=epoch, vocab="vocab.txt" if labels else ""))
+    return atomic_folder(root, str(epoch), fill)
+
+
+def is_checkpoint(path):
+    return os.path.isfile(os.path.join(path, META))
+
+
+def list_checkpoints(root):
+    """Complete checkpoints under root, oldest epoch first: [(epoch, path)]."""
+    found = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name.isdigit() and is_checkpoint(path):
+                found.append((int(name), path))
+    return sorted(found)
+
+
+def resolve(path, key, all_of_them=False):
+    """A checkpoint folder, or its parent (newest, or every one when all_of_them)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{key}: {path} does not exist; train first (a train runner with "
+                              f"save_checkpoint_path) or point it at a checkpoint")
+    if is_checkpoint(path):
+        return [path]
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{key}: {path} holds no complete checkpoint (a folder <epoch>/ with {META})")
+    return [p for _, p in found] if all_of_them else [found[-1][1]]
+
+
+def read_meta(path):
+    try:
+        with open(os.path.join(path, META), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable {META} ({exc}); the checkpoint is damaged") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
+    return meta
+
+
+def check_signature(meta, model, path):
+    """The checkpoint must have been made by a model of the same shape."""
+    saved, current = meta.get("signature", {}), model.signature()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this config {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and k != "parameters"]
+    if not diffs and saved.get("parameters") != current.get("parameters"):
+        diffs.append("parameter shapes differ")
+    if diffs:
+        raise CheckpointError(f"{path} was trained with another model shape ({'; '.join(diffs)}); "
+                              f"use a checkpoint of this model or change the config to match it")
+
+
+def load_into(model, path, with_optimizer=True):
+    try:
+        state = paddle.load(os.path.join(path, "model.pdparams"))
+        model.network.set_state_dict(state)
+        if with_optimizer:
+            model.load_optimizer_state(paddle.load(os.path.join(path, "optimizer.pdopt")))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc}); the checkpoint is damaged "
+                              f"or from another model") from None

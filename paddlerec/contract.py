@@ -1,0 +1,53 @@
+"""The contract between the runners (this package) and a model file and reader file.
+
+Nothing model-specific lives in `paddlerec/`: the runners only call what is listed here.
+
+Reader file (`dataset.data_converter`) defines
+    class Reader(data_path: str, vocab_path: str)
+        Reads and validates the data at once; raises `paddlerec.errors.DataError`
+        naming file and line for bad input.
+        info() -> DataInfo                   what a model built on this data needs
+        batches(batch_size, training, known_items=None, shard=(0, 1)) -> iterable of batches
+            training=False yields evaluation batches: targets may be -1 (the query ended:
+            recommend, don't rank) and each row names its query. known_items (bool per item
+            id) drops items the model never saw. shard=(rank, world) splits the data
+            between distributed workers.
+        n_queries: int                       number of sessions (queries)
+    Every batch has `n_steps` (mini-batches it holds) and `step_events` (int64 array:
+    training targets per mini-batch), which is all the runners look at.
+
+Model file (`phase.model`) defines
+    HYPER_PARAMETERS: tuple of paddlerec.params.Param — every key `hyper_parameters` takes.
+    class Model(hparams: dict, data: DataInfo)
+        network: paddle.nn.Layer             all state a checkpoint holds (parameters, buffers)
+        signature() -> dict                  what must match to load a checkpoint (sizes)
+        optimizer_state() -> dict            name -> Tensor; load_optimizer_state(dict)
+        begin_epoch(epoch: int, training: bool)
+        train_step(batch) -> numpy array     trains on each mini-batch; their summed losses / batch_size
+        eval_step(batch, topk, tie_mode) -> EvalOutput
+        export(path_prefix: str, topk: int) -> dict   writes a paddle.inference model; returns its I/O description
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+
+@dataclass
+class DataInfo:
+    """What a model needs to know about its training data."""
+
+    n_items: int  # item ids are 0 .. n_items-1
+    item_support: Optional[np.ndarray] = None  # int64 [n_items]: training events per item
+    labels: Optional[List[str]] = None  # original item id of each model id (the vocab), if known
+
+
+@dataclass
+class EvalOutput:
+    """Evaluation of one batch."""
+
+    ranks: np.ndarray  # float64 [n_targets]: rank of each target among all items (1 = best)
+    query_ids: np.ndarray  # int64 [n_ended]: queries (sessions) that ended in this batch
+    topk_ids: np.ndarray  # int64 [n_ended, k]: their recommendations, best first
+    topk_scores: np.ndarray  # float32 [n_ended, k]

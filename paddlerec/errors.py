@@ -1,0 +1,55 @@
+"""Errors a user can meet, each carrying the exit code `paddlerec.run` returns.
+
+Anything raised as a `UserError` is printed as one line (no traceback) by the entry
+point; anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message says what and how."""
+
+    exit_code = 1
+    prefix = "error"
+
+    def __str__(self):
+        return self.args[0] if self.args else ""
+
+
+class ConfigError(UserError):
+    """The YAML config (or an -o override) is invalid. Raised before any work starts."""
+
+    exit_code = 2
+    prefix = "config error"
+
+    def __init__(self, key, message):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+class DataError(UserError):
+    """A data file is missing or malformed; names the file and line when known."""
+
+    exit_code = 2
+    prefix = "data error"
+
+    def __init__(self, message, path=None, line=None):
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
+        self.path = path
+        self.line = line
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be used (missing, incomplete, or of another model shape)."""
+
+    exit_code = 2
+    prefix = "checkpoint error"
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+    exit_code = 1
+    prefix = "training error"

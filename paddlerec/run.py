@@ -1,0 +1,61 @@
+"""`python -m paddlerec.run -m config.yaml [-o KEY=VALUE ...]`: run the runners named in `mode`.
+
+Exit codes: 0 done; 2 invalid config or input (one line on stderr, no traceback);
+1 a run that failed (NaN loss, disk full, ...); 130 interrupted.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import load_config, used_phases
+from .errors import UserError
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m paddlerec.run",
+        description="Train, evaluate and continue a model as a YAML config describes (see README).")
+    parser.add_argument("-m", "--model", required=True, metavar="CONFIG",
+                        help="config YAML, or a folder holding config.yaml")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted; list entries by name, e.g. "
+                             "runner.cpu_train_runner.epochs=1); VALUE is YAML. Repeatable.")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines stay)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    return parser.parse_args(argv)
+
+
+def configure_logging(quiet):
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def set_threads(config):
+    """Paddle reads OMP_NUM_THREADS once, when it is imported; it must be set before that."""
+    threads = max([config.phases[p]["thread_num"] for p in used_phases(config)] or [1])
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("GLOG_minloglevel", "2")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(args.quiet)
+    try:
+        config = load_config(args.model, args.override)
+        set_threads(config)
+        from .runners import RunContext, run
+
+        run(RunContext(config, show_progress=not args.no_progress))
+    except UserError as exc:
+        print(f"{exc.prefix}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the last saved checkpoint is complete", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The runners: one train loop and one evaluation loop, shared by every runner class.
+
+`prepare()` does all checking that needs the model and reader files (hyper-parameters,
+devices, reading the data) before any runner starts; `run()` then runs `mode` in order.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from . import checkpoint, curves
+from .config import Config
+from .contract import DataInfo
+from .errors import CheckpointError, ConfigError, TrainingError, UserError
+from .metrics import RankMetrics, format_metrics
+from .params import validate_section
+from .plugins import PluginError, load_file
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+MODEL_REQUIRED = ("HYPER_PARAMETERS", "Model")
+READER_REQUIRED = ("Reader",)
+
+
+@dataclass
+class RunContext:
+    """What the runners share within one `paddlerec.run`: the config and everything loaded for it."""
+
+    config: Config
+    show_progress: bool = True
+    readers: Dict[str, object] = field(default_factory=dict)  # dataset name -> Reader
+
+    def model_module(self, phase_name):
+        phase = self.config.phases[phase_name]
+        return load_file(phase["model"], "model file", f"phase.{phase_name}.model", MODEL_REQUIRED)
+
+    def hyper_parameters(self, phase_name, values=None):
+        """The config's hyper_parameters (or `values`) checked against the model's declaration."""
+        module = self.model_module(phase_name)
+        source = self.config.hyper_parameters if values is None else values
+        return validate_section(source, module.HYPER_PARAMETERS, "hyper_parameters", _legacy_hints())
+
+    def reader(self, phase_name):
+        name = self.config.phases[phase_name]["dataset_name"]
+        if name not in self.readers:
+            dataset = self.config.datasets[name]
+            module = load_file(dataset["data_converter"], "reader file", f"dataset.{name}.data_converter",
+                               READER_REQUIRED)
+            started = time.perf_counter()
+            try:
+                self.readers[name] = module.Reader(dataset["data_path"], dataset["vocab_path"])
+            except UserError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"dataset.{name}: the reader file failed on {dataset['data_path']}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            reader = self.readers[name]
+            log.info("dataset %s: %d sessions from %s (%.1fs)", name, reader.n_queries, dataset["data_path"],
+                     time.perf_counter() - started)
+        return self.readers[name]
+
+    def batch_size(self, phase_name):
+        return self.config.dataset_of(phase_name)["batch_size"]
+
+
+def _legacy_hints():
+    from .config import LEGACY_HINTS
+
+    return LEGACY_HINTS
+
+
+def select_device(runner_name, device):
+    import paddle
+
+    if device == "gpu":
+        if not paddle.is_compiled_with_cuda():
+            raise ConfigError(f"runner.{runner_name}.device",
+                              "gpu, but the installed paddlepaddle has no CUDA support; install the GPU build "
+                              "of paddlepaddle (https://www.paddlepaddle.org.cn/install) or set `device: cpu`")
+        paddle.set_device("gpu")
+    else:
+        paddle.set_device("cpu")
+
+
+def prepare(ctx: RunContext):
+    """Check everything that needs the model/reader files, before any work starts."""
+    import paddle
+
+    config = ctx.config
+    for runner_name in config.mode:
+        runner = config.runners[runner_name]
+        if runner["device"] == "gpu" and not paddle.is_compiled_with_cuda():
+            select_device(runner_name, "gpu")  # raises the explanatory error
+        for phase_name in runner["phases"] + ([runner["eval_phase"]] if runner.get("eval_phase") else []):
+            ctx.model_module(phase_name)
+            if runner["class"] != "infer":
+                ctx.hyper_parameters(phase_name)
+            ctx.reader(phase_name)
+
+
+def run(ctx: RunContext):
+    prepare(ctx)
+    for runner_name in ctx.config.mode:
+        runner = ctx.config.runners[runner_name]
+        started = time.perf_counter()
+        log.info("runner %s (%s) starts", runner_name, runner["class"])
+        RUNNER_CLASSES[runner["class"]](ctx, runner_name)
+        log.info("runner %s done in %.1fs", runner_name, time.perf_counter() - started)
+
+
+# ---- training ------------------------------------------------------------------------------
+
+@dataclass
+class EpochResult:
+    loss: float  # mean loss per training event
+    events: int  # real (input, next click) pairs trained on
+    steps: int  # mini-batches
+    seconds: float
+
+    @property
+    def events_per_s(self):
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_epoch(model, batches, batch_size, epoch, print_interval, show_progress, total_events=None) -> EpochResult:
+    """The one train loop: feed every batch to the model, log, stop on a non-finite loss."""
+    model.begin_epoch(epoch, True, batch_size)
+    events = 0
+    steps = 0
+    loss_sum = 0.0  # sum over mini-batches of loss * batch_size = sum of per-event losses
+    started = time.perf_counter()
+    bar = progress_bar(show_progress, total=total_events, desc=f"epoch {epoch}", unit="ev")
+    with bar:
+        for batch in batches:
+            losses = np.asarray(model.train_step(batch), dtype=np.float64)
+            step_events = np.asarray(batch.step_events, dtype=np.int64)
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                at = steps + int(bad[0]) + 1
+                raise TrainingError(
+                    f"epoch {epoch}, batch {at}: the loss is {losses[bad[0]]}; training stopped and the last saved "
+                    f"checkpoint is kept. Lower hyper_parameters.optimizer.learning_rate (or momentum), or check "
+                    f"`loss`, `bpreg`, `logq` and `elu_param`")
+            for i in range(len(losses)):
+                steps += 1
+                events += int(step_events[i])
+                loss_sum += float(losses[i]) * batch_size
+                if steps % print_interval == 0:
+                    elapsed = time.perf_counter() - started
+                    log.info("epoch %d batch %d: loss %.5f, events %d, %.0f events/s", epoch, steps,
+                             loss_sum / max(events, 1), events, events / max(elapsed, 1e-9))
+            bar.update(int(step_events.sum()))
+    seconds = time.perf_counter() - started
+    return EpochResult(loss=loss_sum / max(events, 1), events=events, steps=steps, seconds=seconds)
+
+
+def build_model(ctx, phase_name, hparams, data: DataInfo):
+    module = ctx.model_module(phase_name)
+    try:
+        return module.Model(hparams, data)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"phase.{phase_name}.model: building the model failed: {type(exc).__name__}: {exc}") from exc
+
+
+def restore_for_training(ctx, runner_name, phase_name, hparams, data):
+    """A fresh model, or (incremental training) one restored from init_model_path; returns (model, epoch)."""
+    runner = ctx.config.runners[runner_name]
+    model = build_model(ctx, phase_name, hparams, data)
+    if not runner["init_model_path"]:
+        return model, 0
+    key = f"runner.{runner_name}.init_model_path"
+    path = checkpoint.resolve(runner["init_model_path"], key)[0]
+    meta = checkpoint.read_meta(path)
+    checkpoint.check_signature(meta, model, path)
+    support = data.item_support
+    checkpoint.load_into(model, path)
+    if support is not None:
+        # items seen before stay known; the new data's clicks add to the sampling weights
+        import paddle
+
+        model.network.item_support.set_value(model.network.item_support + paddle.to_tensor(support))
+    log.info("continuing from %s (epoch %d)", path, meta["epoch"])
+    return model, int(meta["epoch"])
+
+
+def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_chief=True,
+              on_epoch: Optional[Callable] = None):
+    """Train runner; distributed runners call it with their shard, gradient reducer and rank."""
+    config = ctx.config
+    runner = config.runners[runner_name]
+    phase_name = runner["phases"][0]
+    select_device(runner_name, runner["device"])
+    hparams = ctx.hyper_parameters(phase_name)
+    reader = ctx.reader(phase_name)
+    data = reader.info()
+    batch_size = ctx.batch_size(phase_name)
+    model, start_epoch = restore_for_training(ctx, runner_name, phase_name, hparams, data)
+    model.grad_reducer = grad_reducer
+    meta = {"hyper_parameters": hparams, "data": {"n_items": data.n_items},
+            "model_file": config.phases[phase_name]["model"], "config": config.path, "runner": runner_name}
+    history = curves.History(runner["save_checkpoint_path"]) if is_chief else None
+    last_epoch = start_epoch + runner["epochs"]
+    for epoch in range(start_epoch + 1, last_epoch + 1):
+        batches = reader.batches(batch_size, training=True, shard=shard)
+        result = train_epoch(model, batches, batch_size, epoch, runner["print_interval"], ctx.show_progress and is_chief)
+        log.info("epoch %d done, use time: %.2fs, global metrics: loss %.5f, events %d, batches %d, %.0f events/s",
+                 epoch, result.seconds, result.loss, result.events, result.steps, result.events_per_s)
+        row = {"epoch": epoch, "loss": result.loss, "events": result.events, "seconds": result.seconds,
+               "events_per_s": result.events_per_s}
+        if runner["eval_phase"] and is_chief:
+            metrics = evaluate_phase(ctx, runner["eval_phase"], model, cutoffs=(1, 5, 10, 20), tie_mode="standard",
+                                     topk=20)
+            log.info("epoch %d eval on %s: %s", epoch, runner["eval_phase"], format_metrics(metrics))
+            row.update({k: v for k, v in metrics.items() if k != "targets"})
+        if is_chief:
+            last = epoch == last_epoch
+            every = runner["save_checkpoint_interval"]
+            if last or (every and epoch % every == 0):
+                path = checkpoint.save_checkpoint(runner["save_checkpoint_path"], epoch, model, meta)
+                log.info("saved checkpoint %s", path)
+            every = runner["save_inference_interval"]
+            if every and (last or epoch % every == 0):
+                if not runner["save_inference_path"]:
+                    raise ConfigError(f"runner.{runner_name}.save_inference_path",
+                                      "missing; save_inference_interval is set, so name a folder for inference models")
+                path = checkpoint.export_inference(runner["save_inference_path"], epoch, model, runner["topk"],
+                                                   data.labels)
+                log.info("saved inference model %s", path)
+            history.add(row)
+        if on_epoch is not None:
+            on_epoch(epoch, model, result)
+    return model
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+def evaluate(model, reader, batch_size, cutoffs, tie_mode, topk, show_progress=False, on_output=None):
+    """The one evaluation loop: ranks of every target against all items, and each query's top-K."""
+    model.begin_epoch(0, False, batch_size)
+    metrics = RankMetrics(cutoffs)
+    bar = progress_bar(show_progress, total=reader.n_queries, desc="evaluate", unit="sess")
+    with bar:
+        for batch in reader.batches(batch_size, training=False, known_items=model.known_items()):
+            out = model.eval_step(batch, topk, tie_mode)
+            metrics.add(out.ranks)
+            if on_output is not None:
+                on_output(out)
+            bar.update(len(out.query_ids))
+    return metrics.result()
+
+
+def evaluate_phase(ctx, phase_name, model, cutoffs, tie_mode, topk, on_output=None):
+    return evaluate(model, ctx.reader(phase_name), ctx.batch_size(phase_name), cutoffs, tie_mode, topk,
+                    ctx.show_progress, on_output)
+
+
+class Predictions:
+    """Collects every query's top-K and writes them, sorted by query, as TSV."""
+
+    def __init__(self, labels):
+        self.labels = labels
+        self.rows = []
+
+    def __call__(self, out):
+        for q, ids, scores in zip(out.query_ids, out.topk_ids, out.topk_scores):
+            self.rows.append((int(q), ids, scores))
+
+    def names(self, ids):
+        return [self.labels[i] for i in ids] if self.labels is not None else [str(int(i)) for i in ids]
+
+    def sorted_rows(self):
+        return sorted(self.rows, key=lambda r: r[0])
+
+    def write(self, path):
+        def fill(f):
+            f.write("session\titems\tscores\n")
+            for q, ids, scores in self.sorted_rows():
+                f.write(f"{q}\t{' '.join(self.names(ids))}\t{' '.join(f'{s:.6g}' for s in scores)}\n")
+        write_atomic(path, fill)
+
+
+def write_atomic(path, fill):
+    from .checkpoint import SaveError
+
+    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            fill(f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SaveError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def run_infer(ctx: RunContext, runner_name):
+    """Evaluate each checkpoint under init_model_path (in epoch order) on each phase's data."""
+    config = ctx.config
+    runner = config.runners[runner_name]
+    select_device(runner_name, runner["device"])
+    key = f"runner.{runner_name}.init_model_path"
+    paths = checkpoint.resolve(runner["init_model_path"], key, all_of_them=True)
+    for phase_name in runner["phases"]:
+        reader = ctx.reader(phase_name)
+        labels = reader.info().labels
+        for path in paths:
+            meta = checkpoint.read_meta(path)
+            hparams = ctx.hyper_parameters(phase_name, meta["hyper_parameters"])
+            n_items = int(meta["data"]["n_items"])
+            if labels is not None and len(labels) != n_items:
+                raise CheckpointError(f"{path}: the model knows {n_items} items but the vocab of phase {phase_name} "
+                                      f"has {len(labels)}; use the vocab the model was trained with")
+            model = build_model(ctx, phase_name, hparams, DataInfo(n_items=n_items, labels=labels))
+            checkpoint.check_signature(meta, model, path)
+            checkpoint.load_into(model, path, with_optimizer=False)
+            predictions = Predictions(labels)
+            started = time.perf_counter()
+            metrics = evaluate_phase(ctx, phase_name, model, runner["cutoffs"], runner["tie_mode"], runner["topk"],
+                                     predictions)
+            seconds = time.perf_counter() - started
+            log.info("infer %s, epoch %d (%s): %s, %.2fs", phase_name, meta["epoch"], path, format_metrics(metrics),
+                     seconds)
+            for q, ids, _ in predictions.sorted_rows()[:runner["show_predictions"]]:
+                log.info("session: %d, top %d items: [%s]", q, len(ids), ", ".join(predictions.names(ids)))
+            if runner["predictions_path"]:
+                out = os.path.join(runner["predictions_path"], f"{meta['epoch']}.txt")
+                predictions.write(out)
+                log.info("wrote %d sessions' top-%d to %s", len(predictions.rows), runner["topk"], out)
+
+
+RUNNER_CLASSES = {
+    "train": run_train,
+    "infer": run_infer,
+}

@@ -1,0 +1,330 @@
+"""RSC15 session reader: session files -> session-parallel mini-batches.
+
+Input format (what data/text2paddle.py writes, and the shipped sample data): one session
+per line, its item ids (model ids, 0-based) separated by spaces, sessions in the order of
+their first click — the order in which training plays them.
+
+Session-parallel mini-batches (the GRU4Rec scheme; the same path serves training and
+evaluation, so item ids and ordering can never drift between the two):
+  * each of B slots plays one session; at every step a slot's current item is the input
+    and its next item the target;
+  * when a slot's session has no next item left, the slot takes the next unplayed session
+    and its hidden state starts from zero (`carry == -1`);
+  * when no session is left, the slot is dropped: the mini-batch shrinks at the end.
+No backpropagation through time: a step only sees the hidden state handed over by the
+previous step.
+"""
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from paddlerec.contract import DataInfo
+from paddlerec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_BAD_CHAR = re.compile(rb"[^0-9 \t\r\n]")
+
+
+@dataclass
+class Sessions:
+    """Sessions as one flat item array: session s is items[offsets[s]:offsets[s+1]]."""
+
+    items: np.ndarray  # int64 [n_events]
+    offsets: np.ndarray  # int64 [n_sessions + 1]
+
+    @property
+    def n_sessions(self):
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self):
+        return np.diff(self.offsets)
+
+
+@dataclass
+class StepBatch:
+    """Consecutive session-parallel steps (mini-batches), flattened.
+
+    Step s owns rows step_offsets[s] .. step_offsets[s+1]; every row is one slot.
+    """
+
+    step_offsets: np.ndarray  # int64 [n_steps + 1]
+    inputs: np.ndarray  # int64 [rows]: item clicked now
+    targets: np.ndarray  # int64 [rows]: next item; -1 = the session ended (evaluation only)
+    carry: np.ndarray  # int64 [rows]: row of the previous step whose hidden state continues here; -1 = zero state
+    sessions: np.ndarray  # int64 [rows]: session (line) each row plays
+
+    @property
+    def n_steps(self):
+        return len(self.step_offsets) - 1
+
+    @property
+    def step_events(self):
+        """Real (input, next click) pairs per step."""
+        valid = (self.targets >= 0).astype(np.int64)
+        return np.add.reduceat(valid, self.step_offsets[:-1]) if len(valid) else np.zeros(0, np.int64)
+
+    def step(self, s):
+        lo, hi = self.step_offsets[s], self.step_offsets[s + 1]
+        return self.inputs[lo:hi], self.targets[lo:hi], self.carry[lo:hi], self.sessions[lo:hi]
+
+
+def list_data_files(data_path: str) -> List[str]:
+    """The files a dataset reads: the file itself, or a folder's visible regular files, sorted."""
+    if os.path.isfile(data_path):
+        return [data_path]
+    if not os.path.isdir(data_path):
+        raise DataError("no such file or folder", data_path)
+    files, skipped = [], []
+    for name in sorted(os.listdir(data_path)):
+        full = os.path.join(data_path, name)
+        if name.startswith(".") or not os.path.isfile(full):
+            skipped.append(name)
+        else:
+            files.append(full)
+    if skipped:
+        log.info("%s: skipped %d hidden file(s) or sub-folder(s): %s", data_path, len(skipped),
+                 ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if not files:
+        raise DataError("the folder holds no data files; put session files in it (one session per line)", data_path)
+    return files
+
+
+def load_vocab(path: str) -> List[str]:
+    """vocab.txt: one original item id per line; line number (0-based) = model id."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = [line.rstrip("\r\n") for line in f]
+    except OSError as exc:
+        raise DataError(f"cannot read the vocab: {exc.strerror}", path) from None
+    except UnicodeDecodeError:
+        raise DataError("the vocab is not UTF-8 text", path) from None
+    seen = {}
+    for number, label in enumerate(labels, start=1):
+        if not label.strip():
+            raise DataError("empty line in the vocab (one item id per line expected)", path, number)
+        if label in seen:
+            raise DataError(f"item {label!r} appears twice (first on line {seen[label]})", path, number)
+        seen[label] = number
+    if not labels:
+        raise DataError("the vocab is empty; rebuild it with data/text2paddle.py", path)
+    return labels
+
+
+def _line_of(data: bytes, pos: int) -> int:
+    return data.count(b"\n", 0, pos) + 1
+
+
+def read_session_file(path: str, n_items: Optional[int]) -> Sessions:
+    """Parse one session file; every token must be an item id in [0, n_items)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror}", path) from None
+    bad = _BAD_CHAR.search(data)
+    if bad:
+        line_no = _line_of(data, bad.start())
+        line = data.split(b"\n")[line_no - 1]
+        token = next((t for t in line.split() if _BAD_CHAR.search(t + b" ")), line[:20])
+        raise DataError(f"{token.decode('utf-8', 'replace')!r} is not an item id (non-negative integers "
+                        f"separated by spaces expected)", path, line_no)
+    lines = data.split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()
+    lengths = np.fromiter(map(len, map(bytes.split, lines)), dtype=np.int64, count=len(lines))
+    flat = data.translate(bytes.maketrans(b"\n\r\t", b"   "))
+    items = np.fromstring(flat.decode("ascii"), dtype=np.int64, sep=" ") if lengths.sum() else np.zeros(0, np.int64)
+    if items.size != lengths.sum():  # e.g. an id too large for int64
+        raise DataError("could not parse every item id (is one out of the int64 range?)", path)
+    if n_items is not None and items.size and items.max() >= n_items:
+        pos = int(np.argmax(items >= n_items))
+        line_no = int(np.searchsorted(np.cumsum(lengths), pos, side="right")) + 1
+        raise DataError(f"item id {items[pos]} is outside the vocab ({n_items} items, ids 0..{n_items - 1}); "
+                        f"was this file made with another vocab.txt?", path, line_no)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Sessions(items, offsets)
+
+
+def drop_short(sessions: Sessions, min_length: int, what: str) -> Sessions:
+    """Remove sessions shorter than min_length (they hold no next-click target)."""
+    lengths = sessions.lengths
+    keep = lengths >= min_length
+    n_short = int((~keep & (lengths > 0)).sum())
+    if n_short:
+        log.warning("%s: ignored %d session(s) shorter than %d click(s): they hold no next-click target",
+                    what, n_short, min_length)
+    if keep.all():
+        return sessions
+    items = sessions.items[np.repeat(keep, lengths)]
+    offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    np.cumsum(lengths[keep], out=offsets[1:])
+    return Sessions(items, offsets)
+
+
+def concat_sessions(parts: List[Sessions]) -> Sessions:
+    items = np.concatenate([p.items for p in parts]) if parts else np.zeros(0, np.int64)
+    lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Sessions(items, offsets)
+
+
+def session_parallel_steps(sessions: Sessions, batch_size: int, with_final: bool) -> Iterator[StepBatch]:
+    """Yield blocks of session-parallel steps; between blocks, slots switch sessions.
+
+    A block is the run of steps until the first slot's session ends (every slot stays on
+    its session for the whole block), so each block is built with a few array operations.
+    with_final: also play a session's last click, with target -1, so that the state after
+    the whole session is available (for recommendations at evaluation time).
+    """
+    n_sessions = sessions.n_sessions
+    if n_sessions == 0:
+        return
+    offsets, items = sessions.offsets, sessions.items
+    n_slots = min(batch_size, n_sessions)
+    slot_session = np.arange(n_slots, dtype=np.int64)
+    pos = offsets[slot_session].copy()  # index of each slot's current input click
+    end = offsets[slot_session + 1].copy()
+    next_session = n_slots
+    carry_first = np.full(n_slots, -1, dtype=np.int64)
+    extra = 1 if with_final else 0
+    while len(slot_session):
+        steps_left = end - pos - 1 + extra  # steps each slot can still play on its session
+        n_steps = int(steps_left.min())
+        n = len(slot_session)
+        idx = pos[None, :] + np.arange(n_steps, dtype=np.int64)[:, None]  # [n_steps, n]
+        inputs = items[idx]
+        has_next = idx + 1 < end[None, :]
+        targets = np.where(has_next, items[np.minimum(idx + 1, len(items) - 1)], -1)
+        carry = np.tile(np.arange(n, dtype=np.int64), (n_steps, 1))
+        carry[0] = carry_first
+        yield StepBatch(
+            step_offsets=np.arange(n_steps + 1, dtype=np.int64) * n,
+            inputs=inputs.reshape(-1), targets=targets.reshape(-1), carry=carry.reshape(-1),
+            sessions=np.tile(slot_session, n_steps))
+        pos += n_steps
+        finished = (end - pos - 1 + extra) <= 0
+        # finished slots take the next sessions, lowest slot first; the rest are dropped
+        finished_slots = np.flatnonzero(finished)
+        n_new = min(len(finished_slots), n_sessions - next_session)
+        refill = finished_slots[:n_new]
+        new_sessions = np.arange(next_session, next_session + n_new, dtype=np.int64)
+        next_session += n_new
+        slot_session[refill] = new_sessions
+        pos[refill] = offsets[new_sessions]
+        end[refill] = offsets[new_sessions + 1]
+        keep = ~finished
+        keep[refill] = True
+        kept = np.flatnonzero(keep)
+        carry_first = np.where(finished[kept], -1, kept)
+        slot_session, pos, end = slot_session[kept], pos[kept], end[kept]
+
+
+def chunk_steps(blocks: Iterator[StepBatch], min_steps: int) -> Iterator[StepBatch]:
+    """Merge consecutive blocks into batches of at least `min_steps` steps (fewer calls per epoch)."""
+    pending: List[StepBatch] = []
+    count = 0
+    for block in blocks:
+        pending.append(block)
+        count += block.n_steps
+        if count >= min_steps:
+            yield merge(pending)
+            pending, count = [], 0
+    if pending:
+        yield merge(pending)
+
+
+def merge(parts: List[StepBatch]) -> StepBatch:
+    if len(parts) == 1:
+        return parts[0]
+    rows = np.cumsum([0] + [len(p.inputs) for p in parts[:-1]])
+    step_offsets = np.concatenate([p.step_offsets[:-1] + r for p, r in zip(parts, rows)] +
+                                  [np.array([rows[-1] + len(parts[-1].inputs)], dtype=np.int64)])
+    return StepBatch(step_offsets=step_offsets,
+                     inputs=np.concatenate([p.inputs for p in parts]),
+                     targets=np.concatenate([p.targets for p in parts]),
+                     carry=np.concatenate([p.carry for p in parts]),
+                     sessions=np.concatenate([p.sessions for p in parts]))
+
+
+class Reader:
+    """Reads a dataset of session files (see the module docstring) and makes its batches."""
+
+    STEPS_PER_BATCH = 64  # session-parallel steps handed to the model per call
+
+    def __init__(self, data_path: str, vocab_path: str = ""):
+        self.data_path = data_path
+        self.labels = load_vocab(vocab_path) if vocab_path else None
+        n_items = len(self.labels) if self.labels is not None else None
+        parts = [read_session_file(path, n_items) for path in list_data_files(data_path)]
+        self.sessions = concat_sessions(parts)
+        if self.sessions.items.size == 0:
+            raise DataError("no sessions in the data (the files are empty)", data_path)
+        self._n_items = n_items if n_items is not None else int(self.sessions.items.max()) + 1
+
+    @property
+    def n_queries(self):
+        return self.sessions.n_sessions
+
+    def info(self) -> DataInfo:
+        support = np.bincount(self.sessions.items, minlength=self._n_items).astype(np.int64)
+        return DataInfo(n_items=self._n_items, item_support=support, labels=self.labels)
+
+    def restricted(self, known_items: Optional[np.ndarray]) -> Sessions:
+        """Sessions without the clicks on items the model does not know (counted in the log)."""
+        sessions = self.sessions
+        if known_items is None:
+            return sessions
+        items = sessions.items
+        in_range = items < len(known_items)
+        known = np.zeros(len(items), dtype=bool)
+        known[in_range] = known_items[items[in_range]]
+        n_unknown = int((~known).sum())
+        if n_unknown == 0:
+            return sessions
+        log.info("%s: dropped %d of %d clicks on items unseen in training (%.2f%%)", self.data_path,
+                 n_unknown, len(items), 100.0 * n_unknown / len(items))
+        session_of_click = np.repeat(np.arange(sessions.n_sessions), sessions.lengths)
+        lengths = np.bincount(session_of_click[known], minlength=sessions.n_sessions).astype(np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return Sessions(items[known], offsets)
+
+    def batches(self, batch_size: int, training: bool, known_items: Optional[np.ndarray] = None,
+                shard=(0, 1)) -> Iterator[StepBatch]:
+        """Session-parallel batches. Training needs 2+ clicks per session; evaluation also plays
+        a session's last click (target -1) so its recommendations can be read off."""
+        sessions = self.restricted(known_items)
+        ids = np.arange(sessions.n_sessions, dtype=np.int64)  # a row's session = its line in the data
+        rank, world = shard
+        if world > 1:
+            which = np.arange(rank, sessions.n_sessions, world)
+            sessions, ids = select_sessions(sessions, which), ids[which]
+        if training:
+            sessions = drop_short(sessions, 2, self.data_path)
+            ids = None
+        else:
+            ids = ids[sessions.lengths > 0]
+            sessions = drop_short(sessions, 1, self.data_path)
+        blocks = session_parallel_steps(sessions, batch_size, with_final=not training)
+        for batch in chunk_steps(blocks, self.STEPS_PER_BATCH):
+            if ids is not None:
+                batch.sessions = ids[batch.sessions]
+            yield batch
+
+
+def select_sessions(sessions: Sessions, which: np.ndarray) -> Sessions:
+    lengths = sessions.lengths[which]
+    starts = sessions.offsets[which]
+    offsets = np.zeros(len(which) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return Sessions(sessions.items[idx], offsets)

@@ -1,0 +1,65 @@
+"""The fused C++ training step must do the arithmetic of the reference (Paddle operators) step."""
+
+import numpy as np
+import pytest
+
+from tests.helpers import make_model, random_sessions, steps_of
+
+model_module = pytest.importorskip("model")
+
+
+def fused_available():
+    try:
+        model_module.load_kernel_module()
+        return True
+    except model_module.KernelUnavailable:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not fused_available(), reason="the fused kernel could not be built here")
+
+CASES = {
+    "xe-shared-logq-momentum": dict(loss="cross-entropy", logq=1.0, optimizer={"momentum": 0.3}),
+    "xe-two-layers": dict(loss="cross-entropy", layers=[12, 8], optimizer={"momentum": 0.1}),
+    "bprmax-elu-bpreg": dict(loss="bpr-max", elu_param=0.5, bpreg=1.5, optimizer={"momentum": 0.4}),
+    "top1max": dict(loss="top1-max", optimizer={"learning_rate": 0.05}),
+    "separate-embedding": dict(embedding="separate", embedding_size=6, optimizer={"momentum": 0.2}),
+    "one-hot-input": dict(embedding="none", layers=[10, 8]),
+    "full-softmax-sgd": dict(loss="full_softmax", optimizer={"class": "sgd", "learning_rate": 0.5, "momentum": 0.5}),
+    "no-samples": dict(n_sample=0, loss="bpr-max"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_matches_reference(case):
+    sessions = random_sessions(n_sessions=40, n_items=30, seed=3)
+    settings = {"layers": [8], "n_sample": 16, **CASES[case]}
+    fused = make_model(sessions, kernel="fused", **settings)
+    reference = make_model(sessions, kernel="reference", **settings)
+    fused_losses, reference_losses = [], []
+    for epoch in (1, 2):
+        for model, losses in ((fused, fused_losses), (reference, reference_losses)):
+            model.begin_epoch(epoch, True, 5)
+            for batch in steps_of(sessions, 5):
+                losses.extend(model.train_step(batch))
+    assert len(fused_losses) == len(reference_losses) > 20
+    np.testing.assert_allclose(fused_losses, reference_losses, rtol=2e-4, atol=1e-5)
+    for name in fused.network.param_names:
+        np.testing.assert_allclose(getattr(fused.network, name).numpy(), getattr(reference.network, name).numpy(),
+                                   rtol=1e-3, atol=2e-5, err_msg=name)
+    for key, value in fused.optimizer.state.items():
+        np.testing.assert_allclose(value.numpy(), reference.optimizer.state[key].numpy(), rtol=1e-3, atol=2e-5,
+                                   err_msg=key)
+
+
+def test_fused_dropout_keeps_expected_fraction():
+    """With dropout the two paths draw different masks; the fused one must still train sanely."""
+    sessions = random_sessions(n_sessions=60, n_items=25, seed=5)
+    model = make_model(sessions, kernel="fused", layers=[16], dropout_embed=0.3, dropout_hidden=0.3, n_sample=8)
+    losses = []
+    for epoch in range(1, 6):
+        model.begin_epoch(epoch, True, 8)
+        for batch in steps_of(sessions, 8):
+            losses.extend(model.train_step(batch))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-20:]) < np.mean(losses[:20])
