@@ -389,6 +389,7 @@ class Model:
         self.grad_reducer = None  # distributed training combines gradients here
         self._sampler = None
         self._kernel = None  # None: not decided yet; False: reference path; else a FusedKernel
+        self._eval_kernel = None
 
     # ---- contract -------------------------------------------------------------------
     def signature(self):
@@ -436,6 +437,9 @@ class Model:
         return losses
 
     def eval_step(self, batch, topk, tie_mode):
+        kernel = self.eval_kernel()
+        if kernel is not None:
+            return kernel.evaluate(self, batch, topk, tie_mode)
         net = self.network
         mask = net.score_mask()
         ranks, query_ids, topk_ids, topk_scores = [], [], [], []
@@ -468,8 +472,14 @@ class Model:
                  paddle.static.InputSpec([None, width], "float32", INFERENCE_INPUTS[1])]
         static = paddle.jit.to_static(step, input_spec=specs, full_graph=True)
         paddle.jit.save(static, path_prefix, input_spec=specs)
+        # Paddle 3.3 names the outputs fetch_name_0..2 (a PIR value can only be named when it is
+        # persistable), so "outputs" records their order. "unseen_items": ids never clicked in
+        # training: their scores are masked and a server must not feed them (the offline
+        # evaluation drops such clicks too).
+        unseen = np.flatnonzero(self.network.item_support.numpy() == 0)
         return {"inputs": list(INFERENCE_INPUTS), "outputs": list(INFERENCE_OUTPUTS), "topk": step.topk,
-                "hidden_size": width, "layers": list(self.network.layers), "n_items": self.network.n_items}
+                "hidden_size": width, "layers": list(self.network.layers), "n_items": self.network.n_items,
+                "unseen_items": [int(i) for i in unseen]}
 
     # ---- the reference training step -----------------------------------------------------
     def kernel(self):
@@ -477,6 +487,18 @@ class Model:
         if self._kernel is None:
             self._kernel = choose_kernel(self)
         return self._kernel or None
+
+    def eval_kernel(self):
+        """The fused C++ evaluation when the fused kernel may be used here, else None."""
+        if self._eval_kernel is None:
+            self._eval_kernel = False
+            if self.hp["kernel"] != "reference" and paddle.get_device() == "cpu":
+                try:
+                    self._eval_kernel = FusedKernel(load_kernel_module())
+                except KernelUnavailable as exc:
+                    if self.hp["kernel"] == "fused":
+                        raise ConfigError("hyper_parameters.kernel", f"fused, but it could not be built ({exc})")
+        return self._eval_kernel or None
 
     def _carried(self, carry):
         """Hidden states for rows continuing from the previous step (carry >= 0) or starting at zero."""
@@ -583,13 +605,21 @@ def rank_targets(scores, targets, tie_mode):
     target_scores = paddle.take_along_axis(scores, targets.unsqueeze(1), axis=1)
     if bool(paddle.isnan(target_scores).any()):
         raise FloatingPointError("the model produced NaN scores")
-    higher = (scores > target_scores).astype("float64").sum(axis=1)
+    higher = (scores > target_scores).astype("int64").sum(axis=1).numpy().astype(np.float64)
+    equal = (scores == target_scores).astype("int64").sum(axis=1).numpy().astype(np.float64)
+    return tie_ranks(higher, equal, tie_mode)
+
+
+def tie_ranks(higher, equal, tie_mode):
+    """Rank from the count of items scoring higher and equal (equal includes the target itself).
+
+    standard: 1 + #higher (ties in the target's favour); conservative: #higher + #equal (every tie
+    ranked above it); median: the middle of the tied block."""
     if tie_mode == "standard":
-        ranks = higher + 1
-    else:
-        equal = (scores == target_scores).astype("float64").sum(axis=1)  # includes the target itself
-        ranks = higher + equal if tie_mode == "conservative" else higher + 0.5 * (equal - 1) + 1
-    return ranks.numpy()
+        return higher + 1
+    if tie_mode == "conservative":
+        return higher + equal
+    return higher + 0.5 * (equal - 1) + 1
 
 
 # ---- the fused C++ training step ------------------------------------------------------------
@@ -612,6 +642,7 @@ def load_kernel_module():
     if _kernel_module is not None:
         return _kernel_module
     import contextlib
+    import fcntl
     import io
 
     from paddle.utils.cpp_extension import load
@@ -625,7 +656,9 @@ def load_kernel_module():
     level = paddle_log.level
     paddle_log.setLevel(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(captured):
+        # several processes (tests, distributed workers) may build at once: one at a time
+        with open(os.path.join(KERNEL_BUILD_DIR, ".lock"), "w") as lock, contextlib.redirect_stdout(captured):
+            fcntl.flock(lock, fcntl.LOCK_EX)
             _kernel_module = load(
                 name="gru4rec_cpu", sources=[KERNEL_SOURCE], build_directory=KERNEL_BUILD_DIR,
                 extra_cxx_cflags=["-O3", "-march=native", "-fno-math-errno"],
@@ -670,7 +703,26 @@ class FusedKernel:
 
     def __init__(self, module):
         self.op = module.gru4rec_train_steps
+        self.eval_op = module.gru4rec_eval_steps
         self._log_support = None
+        self._score_mask = None
+
+    def evaluate(self, model, batch, topk, tie_mode):
+        net = model.network
+        params = [getattr(net, n) for n in net.param_names]
+        width = sum(net.layers)
+        hidden = model.hidden if model.hidden is not None else paddle.zeros([0, width])
+        if self._score_mask is None:
+            self._score_mask = net.score_mask()
+        higher, equal, topk_ids, topk_scores, model.hidden = self.eval_op(
+            params, hidden, paddle.to_tensor(batch.step_offsets), paddle.to_tensor(batch.inputs),
+            paddle.to_tensor(batch.targets), paddle.to_tensor(batch.carry), self._score_mask,
+            EMBEDDING_CODES[net.embedding], int(topk))
+        higher, equal = higher.numpy().astype(np.float64), equal.numpy().astype(np.float64)
+        ranks = tie_ranks(higher, equal, tie_mode)
+        ended = batch.targets < 0
+        return EvalOutput(ranks=ranks, query_ids=batch.sessions[ended], topk_ids=topk_ids.numpy(),
+                          topk_scores=topk_scores.numpy())
 
     def train(self, model, batch, samples):
         net, hp, opt = model.network, model.hp, model.optimizer

@@ -153,12 +153,12 @@ def read_session_file(path: str, n_items: Optional[int]) -> Sessions:
     return Sessions(items, offsets)
 
 
-def drop_short(sessions: Sessions, min_length: int, what: str) -> Sessions:
-    """Remove sessions shorter than min_length (they hold no next-click target)."""
+def drop_short(sessions: Sessions, min_length: int, what: Optional[str]) -> Sessions:
+    """Remove sessions shorter than min_length; `what` names the data in the warning (None: no warning)."""
     lengths = sessions.lengths
     keep = lengths >= min_length
     n_short = int((~keep & (lengths > 0)).sum())
-    if n_short:
+    if n_short and what:
         log.warning("%s: ignored %d session(s) shorter than %d click(s): they hold no next-click target",
                     what, n_short, min_length)
     if keep.all():
@@ -189,6 +189,9 @@ def session_parallel_steps(sessions: Sessions, batch_size: int, with_final: bool
     if n_sessions == 0:
         return
     offsets, items = sessions.offsets, sessions.items
+    shortest = 1 if with_final else 2
+    if sessions.lengths.min() < shortest:
+        raise ValueError(f"sessions must hold at least {shortest} clicks here; drop shorter ones first")
     n_slots = min(batch_size, n_sessions)
     slot_session = np.arange(n_slots, dtype=np.int64)
     pos = offsets[slot_session].copy()  # index of each slot's current input click
@@ -299,25 +302,23 @@ class Reader:
         return Sessions(items[known], offsets)
 
     def batches(self, batch_size: int, training: bool, known_items: Optional[np.ndarray] = None,
-                shard=(0, 1)) -> Iterator[StepBatch]:
-        """Session-parallel batches. Training needs 2+ clicks per session; evaluation also plays
-        a session's last click (target -1) so its recommendations can be read off."""
+                shard=(0, 1), recommend: bool = True) -> Iterator[StepBatch]:
+        """Session-parallel batches. Training needs 2+ clicks per session; evaluation with
+        `recommend` also plays a session's last click (target -1) so its recommendations can be
+        read off (without it, evaluation only ranks targets, as the official evaluation does)."""
         sessions = self.restricted(known_items)
         ids = np.arange(sessions.n_sessions, dtype=np.int64)  # a row's session = its line in the data
         rank, world = shard
         if world > 1:
             which = np.arange(rank, sessions.n_sessions, world)
             sessions, ids = select_sessions(sessions, which), ids[which]
-        if training:
-            sessions = drop_short(sessions, 2, self.data_path)
-            ids = None
-        else:
-            ids = ids[sessions.lengths > 0]
-            sessions = drop_short(sessions, 1, self.data_path)
-        blocks = session_parallel_steps(sessions, batch_size, with_final=not training)
+        with_final = recommend and not training
+        shortest = 1 if with_final else 2
+        ids = ids[sessions.lengths >= shortest]
+        sessions = drop_short(sessions, shortest, self.data_path if training else None)
+        blocks = session_parallel_steps(sessions, batch_size, with_final=with_final)
         for batch in chunk_steps(blocks, self.STEPS_PER_BATCH):
-            if ids is not None:
-                batch.sessions = ids[batch.sessions]
+            batch.sessions = ids[batch.sessions]
             yield batch
 
 

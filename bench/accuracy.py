@@ -14,6 +14,7 @@ the first (the first pays one-off costs), or of the only epoch.
 """
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ def parse_args(argv):
                         help="override a config key, as for paddlerec.run (repeatable)")
     parser.add_argument("--workdir", help="keep converted data and checkpoints here (default: a temporary folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", metavar="PATH", help="also write every epoch's and evaluation's figures here")
     return parser.parse_args(argv)
 
 
@@ -122,6 +124,12 @@ def main(argv=None):
         speed = statistics.median(speeds[1:] if len(speeds) > 1 else speeds)
         final = evaluations[-1]
         logging.info("total time %.1fs (train %.1fs)", time.perf_counter() - started, sum(r["seconds"] for r in epochs))
+        if "recall@20" not in final:
+            raise UserError("the infer runner's cutoffs must include 20")
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"epochs": epochs, "evaluations": evaluations, "train_events_per_s": speed}, f, indent=1,
+                          default=str)
         print(f"recall@20={final['recall@20']:.4f} mrr@20={final['mrr@20']:.4f} targets={final['targets']} "
               f"train_events_per_s={speed:.0f}", flush=True)
     except UserError as exc:

@@ -7,11 +7,11 @@ Reader file (`dataset.data_converter`) defines
         Reads and validates the data at once; raises `paddlerec.errors.DataError`
         naming file and line for bad input.
         info() -> DataInfo                   what a model built on this data needs
-        batches(batch_size, training, known_items=None, shard=(0, 1)) -> iterable of batches
-            training=False yields evaluation batches: targets may be -1 (the query ended:
-            recommend, don't rank) and each row names its query. known_items (bool per item
-            id) drops items the model never saw. shard=(rank, world) splits the data
-            between distributed workers.
+        batches(batch_size, training, known_items=None, shard=(0, 1), recommend=True) -> iterable
+            training=False yields evaluation batches; with recommend, targets may be -1 (the
+            query ended: recommend, don't rank). Each row names its query. known_items (bool
+            per item id) drops items the model never saw. shard=(rank, world) splits the
+            data between distributed workers.
         n_queries: int                       number of sessions (queries)
     Every batch has `n_steps` (mini-batches it holds) and `step_events` (int64 array:
     training targets per mini-batch), which is all the runners look at.
@@ -22,7 +22,7 @@ Model file (`phase.model`) defines
         network: paddle.nn.Layer             all state a checkpoint holds (parameters, buffers)
         signature() -> dict                  what must match to load a checkpoint (sizes)
         optimizer_state() -> dict            name -> Tensor; load_optimizer_state(dict)
-        begin_epoch(epoch: int, training: bool)
+        begin_epoch(epoch: int, training: bool, batch_size: int)
         train_step(batch) -> numpy array     trains on each mini-batch; their summed losses / batch_size
         eval_step(batch, topk, tie_mode) -> EvalOutput
         export(path_prefix: str, topk: int) -> dict   writes a paddle.inference model; returns its I/O description

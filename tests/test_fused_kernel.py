@@ -6,6 +6,7 @@ import pytest
 from tests.helpers import make_model, random_sessions, steps_of
 
 model_module = pytest.importorskip("model")
+import rsc15_reader  # noqa: E402
 
 
 def fused_available():
@@ -63,3 +64,32 @@ def test_fused_dropout_keeps_expected_fraction():
             losses.extend(model.train_step(batch))
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-20:]) < np.mean(losses[:20])
+
+
+@pytest.mark.parametrize("embedding,layers", [("shared", [8]), ("separate", [6, 8]), ("none", [8])])
+def test_fused_evaluation_matches_reference(embedding, layers):
+    """Ranks, tie counts and top-K of the C++ evaluation equal those of the Paddle operators."""
+    sessions = random_sessions(n_sessions=50, n_items=40, seed=11, min_len=1)
+    trained = make_model(sessions, kernel="reference", layers=layers, embedding=embedding, n_sample=10)
+    trained.begin_epoch(1, True, 6)
+    for batch in steps_of(rsc15_reader.drop_short(sessions, 2, "test"), 6):
+        trained.train_step(batch)
+    # items 35.. never seen: masked out of every ranking and recommendation
+    support = trained.network.item_support.numpy()
+    support[35:] = 0
+    trained.network.item_support.set_value(support)
+    state = {k: v.numpy() for k, v in trained.network.state_dict().items()}
+    outputs = {}
+    for kernel in ("fused", "reference"):
+        model = make_model(sessions, kernel=kernel, layers=layers, embedding=embedding)
+        model.network.set_state_dict(state)
+        outputs[kernel] = []
+        for mode in ("standard", "conservative", "median"):
+            model.begin_epoch(0, False, 7)
+            outputs[kernel] += [model.eval_step(b, 5, mode) for b in steps_of(sessions, 7, with_final=True)]
+    for fused_out, reference_out in zip(outputs["fused"], outputs["reference"]):
+        np.testing.assert_array_equal(fused_out.ranks, reference_out.ranks)
+        np.testing.assert_array_equal(fused_out.query_ids, reference_out.query_ids)
+        np.testing.assert_array_equal(fused_out.topk_ids, reference_out.topk_ids)
+        np.testing.assert_allclose(fused_out.topk_scores, reference_out.topk_scores, rtol=1e-5, atol=1e-6)
+        assert not np.isin(fused_out.topk_ids, np.arange(35, 40)).any()
