@@ -1,6 +1,10 @@
-"""Per-epoch training curves: `curves.csv`, `curves.json` and `curves.png` in the checkpoint folder.
+"""Per-epoch training curves in the checkpoint folder: curves.csv, curves.json, curves.png,
+and VisualDL scalars (visualdl/) when the visualdl package is installed.
 
-A resumed (incremental) run appends to the history the earlier run left there.
+One row per epoch: loss (mean per training event), events, seconds, events_per_s and, when
+the train runner has an `eval_phase`, that phase's recall@K / mrr@K. A run that continues
+from a checkpoint (incremental training) keeps the rows up to its starting epoch; rows of
+later epochs come from an older run and are dropped.
 """
 
 import csv
@@ -11,24 +15,48 @@ import os
 
 log = logging.getLogger(__name__)
 
+CSV, JSON, PNG, VISUALDL = "curves.csv", "curves.json", "curves.png", "visualdl"
+TRAIN_KEYS = ("loss", "events_per_s")  # scalars logged under train/ in VisualDL
+
+
+def is_metric(key):
+    return key.startswith(("recall@", "mrr@"))
+
+
+def _cutoff(key):
+    return int(key.split("@", 1)[1]) if key.split("@", 1)[1].isdigit() else 0
+
 
 class History:
-    def __init__(self, folder):
+    """The rows of one training run (plus what an earlier run it continues left there)."""
+
+    def __init__(self, folder, start_epoch=0, title=""):
         self.folder = folder
-        self.rows = []
-        path = os.path.join(folder, "curves.json")
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    self.rows = json.load(f)
-            except (OSError, ValueError):
-                log.warning("%s is unreadable; starting a new history", path)
-                self.rows = []
+        self.title = title
+        self.rows = [r for r in self._read() if r["epoch"] <= start_epoch]
+        self.visualdl = _visualdl_writer(os.path.join(folder, VISUALDL))
+
+    def _read(self):
+        path = os.path.join(self.folder, JSON)
+        if not os.path.isfile(path):
+            return []
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = json.load(f)
+            if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("epoch"), int)
+                                                     for r in rows):
+                raise ValueError("not a list of rows with an epoch")
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s); starting a new history", path, exc)
+            return []
+        return rows
 
     def add(self, row):
-        self.rows = [r for r in self.rows if r.get("epoch") != row["epoch"]] + [row]
+        self.rows = [r for r in self.rows if r.get("epoch") != row["epoch"]] + [dict(row)]
         self.rows.sort(key=lambda r: r["epoch"])
         self.write()
+        if self.visualdl is not None:
+            self._log_visualdl(row)
 
     def write(self):
         os.makedirs(self.folder, exist_ok=True)
@@ -39,9 +67,37 @@ class History:
         writer = csv.DictWriter(text, fieldnames=keys)
         writer.writeheader()
         writer.writerows(self.rows)
-        _replace(os.path.join(self.folder, "curves.csv"), text.getvalue())
-        _replace(os.path.join(self.folder, "curves.json"), json.dumps(self.rows, indent=1))
-        plot(self.rows, os.path.join(self.folder, "curves.png"))
+        _replace(os.path.join(self.folder, CSV), text.getvalue())
+        _replace(os.path.join(self.folder, JSON), json.dumps(self.rows, indent=1))
+        plot(self.rows, os.path.join(self.folder, PNG), self.title)
+
+    def _log_visualdl(self, row):
+        try:
+            for key, value in row.items():
+                if key in TRAIN_KEYS:
+                    self.visualdl.add_scalar(tag=f"train/{key}", value=float(value), step=row["epoch"])
+                elif is_metric(key):
+                    self.visualdl.add_scalar(tag=f"eval/{key}", value=float(value), step=row["epoch"])
+            self.visualdl.flush()
+        except Exception as exc:  # a VisualDL failure must not stop training: report it, stop logging there
+            log.warning("VisualDL logging failed (%s: %s); curves.csv/json/png are still written",
+                        type(exc).__name__, exc)
+            self.visualdl = None
+
+
+def _visualdl_writer(logdir):
+    """A visualdl LogWriter, or None (logged once per run) when the package is missing or broken."""
+    try:
+        from visualdl import LogWriter
+    except ImportError:
+        log.info("visualdl is not installed: no VisualDL logs (curves.csv/json/png are written; "
+                 "`pip install visualdl` to get them)")
+        return None
+    except Exception as exc:  # e.g. an incompatible protobuf raises at import
+        log.warning("visualdl cannot be imported (%s: %s): no VisualDL logs", type(exc).__name__, exc)
+        return None
+    log.info("VisualDL logs in %s (visualdl --logdir %s)", logdir, logdir)
+    return LogWriter(logdir=logdir)
 
 
 def _replace(path, text):
@@ -51,28 +107,45 @@ def _replace(path, text):
     os.replace(tmp, path)
 
 
-def plot(rows, path):
-    """Loss and (when evaluated) Recall/MRR per epoch, as a PNG. Skipped without matplotlib."""
+def plot(rows, path, title=""):
+    """Training loss, Recall@K and MRR@K per epoch in one PNG (metrics panels when evaluated)."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install -r requirements.txt)", path)
         return
-    epochs = [r["epoch"] for r in rows]
-    metric_keys = [k for k in (rows[-1] if rows else {}) if k.startswith(("recall@", "mrr@"))]
-    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(10 if metric_keys else 5, 3.5), squeeze=False)
-    axes[0][0].plot(epochs, [r["loss"] for r in rows], marker="o")
-    axes[0][0].set_xlabel("epoch")
-    axes[0][0].set_ylabel("training loss per event")
-    if metric_keys:
-        for key in metric_keys:
-            axes[0][1].plot(epochs, [r.get(key) for r in rows], marker="o", label=key)
-        axes[0][1].set_xlabel("epoch")
-        axes[0][1].legend(fontsize=7)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    keys = []
+    for row in rows:
+        keys += [k for k in row if is_metric(k) and k not in keys]
+    recall = sorted((k for k in keys if k.startswith("recall@")), key=_cutoff)
+    mrr = sorted((k for k in keys if k.startswith("mrr@")), key=_cutoff)
+    panels = [("training loss per event", ["loss"])]
+    if recall:
+        panels.append(("Recall@K (eval)", recall))
+    if mrr:
+        panels.append(("MRR@K (eval)", mrr))
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (label, series) in zip(axes[0], panels):
+        for key in series:
+            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=4, label=key if len(series) > 1 else None)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if len(series) > 1:  # beside the panel: inside, it would hide the points it names
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=1.2, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path + f".tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=80)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
