@@ -645,6 +645,8 @@ def load_kernel_module():
     import fcntl
     import io
 
+    import warnings
+
     from paddle.utils.cpp_extension import load
 
     libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
@@ -652,12 +654,14 @@ def load_kernel_module():
         raise KernelUnavailable(f"this paddlepaddle wheel has no MKL ({libs}/libmklml_intel.so)")
     os.makedirs(KERNEL_BUILD_DIR, exist_ok=True)
     captured = io.StringIO()
-    paddle_log = logging.getLogger("paddle.utils.cpp_extension.extension_utils")
+    paddle_log = logging.getLogger("utils.cpp_extension")  # Paddle's builder logs each load at INFO
     level = paddle_log.level
     paddle_log.setLevel(logging.WARNING)
     try:
         # several processes (tests, distributed workers) may build at once: one at a time
-        with open(os.path.join(KERNEL_BUILD_DIR, ".lock"), "w") as lock, contextlib.redirect_stdout(captured):
+        with open(os.path.join(KERNEL_BUILD_DIR, ".lock"), "w") as lock, contextlib.redirect_stdout(captured), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No ccache found")  # harmless: the build is cached
             fcntl.flock(lock, fcntl.LOCK_EX)
             _kernel_module = load(
                 name="gru4rec_cpu", sources=[KERNEL_SOURCE], build_directory=KERNEL_BUILD_DIR,

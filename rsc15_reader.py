@@ -82,7 +82,11 @@ def list_data_files(data_path: str) -> List[str]:
     if not os.path.isdir(data_path):
         raise DataError("no such file or folder", data_path)
     files, skipped = [], []
-    for name in sorted(os.listdir(data_path)):
+    try:
+        names = sorted(os.listdir(data_path))
+    except OSError as exc:
+        raise DataError(f"cannot read the folder: {exc.strerror}; check its permissions", data_path) from None
+    for name in names:
         full = os.path.join(data_path, name)
         if name.startswith(".") or not os.path.isfile(full):
             skipped.append(name)
@@ -151,6 +155,29 @@ def read_session_file(path: str, n_items: Optional[int]) -> Sessions:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return Sessions(items, offsets)
+
+
+# Without a vocab the model holds a row for every id up to the largest one. Past this many rows,
+# ids of which only a small fraction occur are original ids (RSC15's look like 214536502) fed
+# without data/text2paddle.py: the model would need gigabytes for nothing.
+SPARSE_ID_ROWS = 1_000_000
+SPARSE_ID_RATIO = 20
+
+
+def check_dense_ids(paths: List[str], parts: List[Sessions]) -> None:
+    largest = max((int(p.items.max()), i) for i, p in enumerate(parts) if p.items.size)
+    n_rows = largest[0] + 1
+    if n_rows <= SPARSE_ID_ROWS:
+        return
+    distinct = len(np.unique(np.concatenate([p.items for p in parts])))
+    if n_rows <= SPARSE_ID_RATIO * distinct:
+        return
+    part = parts[largest[1]]
+    pos = int(np.argmax(part.items))
+    line = int(np.searchsorted(part.offsets, pos, side="right"))
+    raise DataError(f"item id {largest[0]} asks for a model of {n_rows:,} items, but only {distinct:,} distinct ids "
+                    f"occur: these look like original item ids. Map them to 0..n-1 with data/text2paddle.py "
+                    f"(sh data_prepare.sh does it) and set the dataset's vocab_path", paths[largest[1]], line)
 
 
 def drop_short(sessions: Sessions, min_length: int, what: Optional[str]) -> Sessions:
@@ -267,10 +294,13 @@ class Reader:
         self.data_path = data_path
         self.labels = load_vocab(vocab_path) if vocab_path else None
         n_items = len(self.labels) if self.labels is not None else None
-        parts = [read_session_file(path, n_items) for path in list_data_files(data_path)]
+        paths = list_data_files(data_path)
+        parts = [read_session_file(path, n_items) for path in paths]
         self.sessions = concat_sessions(parts)
         if self.sessions.items.size == 0:
             raise DataError("no sessions in the data (the files are empty)", data_path)
+        if n_items is None:
+            check_dense_ids(paths, parts)
         self._n_items = n_items if n_items is not None else int(self.sessions.items.max()) + 1
 
     @property

@@ -40,6 +40,7 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -326,15 +327,18 @@ def iter_blocks(stream, block_bytes: int):
         yield line_no, carry + b"\n"
 
 
-def read_clicks(path: str, strict: bool = False,
-                block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[Clicks, Malformed]:
-    """Read a raw clicks file into int64 columns, in file order."""
+def read_clicks(path: str, strict: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                progress: bool = False) -> tuple[Clicks, Malformed]:
+    """Read a raw clicks file into int64 columns, in file order (a byte progress bar if asked)."""
     malformed = Malformed()
     parts: list[Clicks] = []
     try:
-        with open(path, "rb") as stream:
+        with open(path, "rb") as stream, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+                                               desc="preprocess: reading", disable=not progress,
+                                               leave=False) as bar:
             for first_line, block in iter_blocks(stream, block_bytes):
                 parts.append(parse_block(block, first_line, malformed, path, strict))
+                bar.update(len(block))
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise DataError(f"cannot read the input ({exc.strerror})", path,
                         hint="pass the path of yoochoose-clicks.dat") from None
@@ -524,13 +528,13 @@ def _write_outputs_atomically(paths: dict, splits: dict) -> None:
 
 
 def preprocess(input_path: str, out_prefix: str, strict: bool = False,
-               block_bytes: int = DEFAULT_BLOCK_BYTES) -> list:
+               block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False) -> list:
     """Run the whole protocol on `input_path`; returns the SplitStats rows.
 
     Writes ``<out_prefix>_{train_full,test,train_tr,train_valid}.tsv``, all or
     none.  Raises DataError for unusable input.
     """
-    clicks, malformed = read_clicks(input_path, strict, block_bytes)
+    clicks, malformed = read_clicks(input_path, strict, block_bytes, progress)
     report_malformed(input_path, malformed)
     if len(clicks) == 0:
         raise DataError("no valid click rows", input_path,
@@ -609,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop at the first malformed row (exit code 2)")
     parser.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20,
                         help="bytes read per block, in MiB (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (there is none anyway when stderr is not a terminal)")
     return parser
 
 
@@ -621,7 +627,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        stats = preprocess(args.input, args.out_prefix, args.strict, block_bytes)
+        progress = not args.no_progress and sys.stderr.isatty()
+        stats = preprocess(args.input, args.out_prefix, args.strict, block_bytes, progress)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -59,7 +59,7 @@ def atomic_folder(root, name, fill):
     try:
         os.makedirs(root, exist_ok=True)
         tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_leftovers(root, name, "tmp")
         os.makedirs(tmp)
         fill(tmp)
         for entry in os.listdir(tmp):
@@ -76,12 +76,23 @@ def atomic_folder(root, name, fill):
         _fsync_dir(root)
         if old:
             shutil.rmtree(old, ignore_errors=True)
+        _remove_leftovers(root, name, "old")
         return final
     except OSError as exc:
         shutil.rmtree(os.path.join(root, f".tmp-{name}-{os.getpid()}"), ignore_errors=True)
         hint = "free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions"
         raise SaveError(f"cannot write {os.path.join(root, name)}: {exc.strerror or exc}; {hint}. "
                         f"Earlier checkpoints are untouched.") from None
+
+
+def _remove_leftovers(root, name, kind):
+    """A process killed while saving `name` left `.tmp-<name>-<pid>` (or, killed while replacing
+    it, `.old-<name>-<pid>`) behind, never picked up as a checkpoint; saving `name` again is the
+    moment to reclaim the space (the .old copy only once the new one is in place)."""
+    for entry in os.listdir(root):
+        if entry.startswith(f".{kind}-{name}-"):
+            log.info("removing %s, left by an interrupted save", os.path.join(root, entry))
+            shutil.rmtree(os.path.join(root, entry))
 
 
 def save_checkpoint(root, epoch, model, meta):
@@ -98,11 +109,34 @@ def export_inference(root, epoch, model, topk, labels):
     """Write inference model `<root>/<epoch>` (paddle.jit.save) with io.json and the vocab."""
     def fill(tmp):
         io = model.export(os.path.join(tmp, "model"), topk)
+        _name_outputs(os.path.join(tmp, "model.json"), io.get("outputs", []))
         if labels is not None:
             with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8") as f:
                 f.write("\n".join(labels) + "\n")
         _write_json(os.path.join(tmp, IO), dict(io, format=FORMAT, epoch=epoch, vocab="vocab.txt" if labels else ""))
     return atomic_folder(root, str(epoch), fill)
+
+
+def _name_outputs(program_path, outputs):
+    """Give the saved program's outputs the names io.json lists.
+
+    Paddle 3.3 names the outputs of a saved PIR program fetch_name_0..N, which a user of
+    `paddle.inference` would have to guess; the name is a plain attribute of each fetch op
+    in the JSON program. Anything unexpected leaves the file as Paddle wrote it (io.json
+    still gives the order).
+    """
+    if not outputs or not os.path.isfile(program_path):
+        return
+    with open(program_path, encoding="utf-8") as f:
+        text = f.read()
+    generated = ['"D":' + json.dumps(f"fetch_name_{i}") for i in range(len(outputs))]
+    if text.count('"D":"fetch_name_') != len(outputs) or any(text.count(g) != 1 for g in generated):
+        log.warning("%s: outputs not renamed (unexpected program layout); their order is in %s", program_path, IO)
+        return
+    for old, name in zip(generated, outputs):
+        text = text.replace(old, '"D":' + json.dumps(name))
+    with open(program_path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def is_checkpoint(path):

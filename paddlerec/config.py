@@ -7,6 +7,7 @@ only the model knows which keys it takes.
 """
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
@@ -68,10 +69,60 @@ INFER_PARAMS = RUNNER_COMMON + (
     Param("show_predictions", "int", 5, min=0, help="sessions whose top-K are printed"),
 )
 
+# A serve runner reads an exported inference model, no phase: it has no `phases` key.
+SERVE_PARAMS = (
+    Param("name", "str", help="name that `mode` refers to (and `python -m paddlerec.serve --runner`)"),
+    Param("class", "str", help="what the runner does"),
+    Param("device", "str", "cpu", choices=("cpu", "gpu"), help="where to compute; gpu needs the CUDA build of paddlepaddle"),
+    Param("init_model_path", "path",
+          help="an inference model folder (save_inference_path/<epoch>), or its parent (the newest epoch is served)"),
+    Param("port", "int", 8866, min=0, max=65535,
+          help="HTTP port on 127.0.0.1; 0: any free port (printed at start); `--port` overrides it"),
+    Param("topk", "int", 20, min=1, help="items returned per click (at most the exported model's topk)"),
+    Param("max_sessions", "int", 100000, min=1, help="live sessions kept; the least recently clicked one is evicted"),
+    Param("max_state_mb", "float", 256.0, gt=0.0,
+          help="memory for the kept hidden states (sum(layers) floats each); caps max_sessions"),
+    Param("max_batch", "int", 1024, min=1, help="clicks one /batch request may hold"),
+    Param("threads", "int", 1, min=1, help="CPU threads of the predictor"),
+)
+
+# Distributed training (paddlerec/distributed.py): the train keys plus how to run the workers.
+DISTRIBUTED_PARAMS = (
+    Param("distribute_strategy", "str", "collective", choices=("collective", "async", "sync", "half_async", "geo"),
+          help="collective: the workers all-reduce their gradients every mini-batch (gloo on CPU, NCCL on GPU); "
+               "async, sync, half_async, geo: Paddle's parameter-server modes (checked, not available for this model)"),
+    Param("server_num", "int", 0, min=0, help="parameter servers (parameter-server strategies only; 0 for collective)"),
+    Param("log_dir", "path", "output/log",
+          help="worker logs (workerlog.N), their status files and the launcher's log; must not be shared between machines"),
+    Param("start_timeout", "int", 300, min=1,
+          help="seconds the workers (of every machine) have to start and meet before the job is stopped"),
+)
+
+LOCAL_CLUSTER_TRAIN_PARAMS = TRAIN_PARAMS + (
+    Param("worker_num", "int", 2, min=1,
+          help="worker processes on this machine; each trains its share of the sessions with batch_size rows"),
+) + DISTRIBUTED_PARAMS
+
+CLUSTER_TRAIN_PARAMS = TRAIN_PARAMS + (
+    Param("master", "str", "",
+          help="HOST:PORT where the machines meet (node 0's address, a free port), the same on every machine; "
+               "empty: PADDLE_MASTER"),
+    Param("nnodes", "int", 0, min=0, help="machines in the job; 0: PADDLE_NNODES"),
+    Param("node_rank", "int", -1, min=-1,
+          help="this machine's number, 0..nnodes-1 (worker 0, which saves, runs on node 0); -1: PADDLE_RANK, "
+               "else in order of arrival"),
+    Param("nproc_per_node", "int", 0, min=0, help="worker processes on each machine; 0: PADDLE_NPROC_PER_NODE, else 1"),
+    Param("host", "str", "",
+          help="this machine's address as the others reach it; empty: POD_IP, else what its hostname resolves to"),
+) + DISTRIBUTED_PARAMS
+
 # runner class -> the keys it takes. Every runner class of paddlerec.runners is declared here.
 RUNNER_CLASSES: Dict[str, Sequence[Param]] = {
     "train": TRAIN_PARAMS,
     "infer": INFER_PARAMS,
+    "local_cluster_train": LOCAL_CLUSTER_TRAIN_PARAMS,
+    "cluster_train": CLUSTER_TRAIN_PARAMS,
+    "serve": SERVE_PARAMS,
 }
 
 # retired PaddleRec 1.x keys -> what to do instead
@@ -107,6 +158,15 @@ class Config:
         return self.datasets[self.phases[phase_name]["dataset_name"]]
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a number: PyYAML follows YAML 1.1, where only
+    `1.0e-3` is a float and `1e-3` a string, which no one writing a learning rate expects."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def resolve_config_path(path: str) -> str:
     """`-m` takes a YAML file or a folder holding config.yaml."""
     if os.path.isdir(path):
@@ -122,7 +182,7 @@ def resolve_config_path(path: str) -> str:
 def read_yaml(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_YamlLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
@@ -144,9 +204,14 @@ def apply_override(raw: dict, text: str) -> None:
     key, _, value_text = text.partition("=")
     key = key.strip()
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        value = yaml.load(value_text, Loader=_YamlLoader) if value_text.strip() else ""
     except yaml.YAMLError:
-        raise ConfigError(key, f"-o value {value_text!r} is not valid YAML") from None
+        value = None
+        if "{workspace}" not in value_text:
+            raise ConfigError(key, f"-o value {value_text!r} is not valid YAML") from None
+    if "{workspace}" in value_text and not isinstance(value, str):
+        # unquoted, YAML reads "{workspace}/out" as a mapping; it can only mean the path
+        value = value_text.strip()
     parts = [p for p in key.split(".")]
     if not key or any(not p for p in parts):
         raise ConfigError("-o", f"{text!r}: empty key")
@@ -211,8 +276,11 @@ def _resolve_paths(entry: dict, params: Sequence[Param], base: str) -> dict:
     return out
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    """Read, override, substitute and validate a config. Raises ConfigError."""
+def load_config(path: str, overrides: Sequence[str] = (), check_files: bool = True) -> Config:
+    """Read, override, substitute and validate a config. Raises ConfigError.
+
+    check_files=False skips the existence checks of the files the run will read (for tools
+    that create the data first)."""
     config_path = resolve_config_path(path)
     raw = read_yaml(config_path)
     for text in overrides:
@@ -263,17 +331,24 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError("hyper_parameters", "expected a mapping of keys")
 
     config = Config(config_path, workspace, datasets, hyper_parameters, mode, runners, phases, list(overrides))
-    _check_references(config)
+    _check_references(config, check_files)
     return config
 
 
-def _check_references(config: Config) -> None:
+def _check_references(config: Config, check_files: bool = True) -> None:
     for name, phase in config.phases.items():
         if phase["dataset_name"] not in config.datasets:
             raise ConfigError(f"phase.{name}.dataset_name",
                               f"no dataset named {phase['dataset_name']!r}; datasets: {', '.join(config.datasets)}")
     for name, runner in config.runners.items():
         prefix = f"runner.{name}"
+        # checked here, not when the first export is due: an epoch of training must not be lost to it
+        if runner.get("save_inference_interval") and not runner.get("save_inference_path"):
+            raise ConfigError(f"{prefix}.save_inference_path",
+                              f"missing; save_inference_interval is {runner['save_inference_interval']}, so name a "
+                              f"folder for the inference models (or set save_inference_interval: 0)")
+        if "phases" not in runner:  # a serve runner: checked when it starts (the model may not exist yet)
+            continue
         for phase in runner["phases"]:
             if phase not in config.phases:
                 raise ConfigError(f"{prefix}.phases", f"no phase named {phase!r}; phases: {', '.join(config.phases)}")
@@ -286,6 +361,8 @@ def _check_references(config: Config) -> None:
             raise ConfigError(f"{prefix}.eval_phase", f"no phase named {eval_phase!r}; phases: {', '.join(config.phases)}")
 
     # Files only matter for what this run will use.
+    if not check_files:
+        return
     for phase_name in used_phases(config):
         phase = config.phases[phase_name]
         if not os.path.isfile(phase["model"]):
@@ -308,7 +385,7 @@ def used_phases(config: Config) -> List[str]:
     names = []
     for runner_name in config.mode:
         runner = config.runners[runner_name]
-        for phase in list(runner["phases"]) + ([runner["eval_phase"]] if runner.get("eval_phase") else []):
+        for phase in list(runner.get("phases", [])) + ([runner["eval_phase"]] if runner.get("eval_phase") else []):
             if phase not in names:
                 names.append(phase)
     return names

@@ -181,7 +181,9 @@ def reference_table(params: Sequence[Param]) -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for p in params:
         default = "(required)" if p.required else _show(p.default)
-        rows.append(f"| `{p.name}` | {p.describe_type()} | {default} | {p.help} |")
+        cells = (f"`{p.name}`", p.describe_type(), default, p.help)
+        # a bare "|" (as in "cpu | gpu") would end the Markdown cell
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
 

@@ -22,7 +22,7 @@ class PluginError(UserError):
 _cache = {}
 
 
-def _where(exc, path):
+def where(exc, path):
     """file:line of the innermost frame of `exc` inside `path` (or the innermost frame)."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{exc.filename}:{exc.lineno}"
@@ -55,7 +55,7 @@ def load_file(path: str, role: str, key: str, required=()):
         raise
     except Exception as exc:  # the file's own bug: report where, not a later NoneType error
         sys.modules.pop(name, None)
-        raise PluginError(f"{key}: the {role} failed to load at {_where(exc, path)}: "
+        raise PluginError(f"{key}: the {role} failed to load at {where(exc, path)}: "
                           f"{type(exc).__name__}: {exc}") from None
     missing = [attr for attr in required if not hasattr(module, attr)]
     if missing:
@@ -74,5 +74,5 @@ def call_plugin(func, role: str, *args, **kwargs):
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)
         frame = frames[-1] if frames else None
-        where = f" at {frame.filename}:{frame.lineno}" if frame else ""
-        raise PluginError(f"the {role} raised{where}: {type(exc).__name__}: {exc}") from exc
+        at = f" at {frame.filename}:{frame.lineno}" if frame else ""
+        raise PluginError(f"the {role} raised{at}: {type(exc).__name__}: {exc}") from exc

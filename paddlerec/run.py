@@ -5,9 +5,12 @@ Exit codes: 0 done; 2 invalid config or input (one line on stderr, no traceback)
 """
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
+import warnings
 
 from .config import load_config, used_phases
 from .errors import UserError
@@ -39,12 +42,29 @@ def set_threads(config):
     os.environ.setdefault("GLOG_minloglevel", "2")
 
 
+# Paddle's import-time notices that say nothing to a user of this runner: the OMP_NUM_THREADS one
+# is about data-parallel jobs (set_threads sets the variable on purpose), and ccache only matters
+# to whoever rebuilds the C++ kernel.
+PADDLE_NOTICES = ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
+
+
+def import_paddle_quietly():
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        import paddle  # noqa: F401
+    for line in captured.getvalue().splitlines():
+        if not line.startswith(PADDLE_NOTICES):
+            print(line, file=sys.stderr)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging(args.quiet)
     try:
         config = load_config(args.model, args.override)
         set_threads(config)
+        warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
+        import_paddle_quietly()
         from .runners import RunContext, run
 
         run(RunContext(config, show_progress=not args.no_progress))

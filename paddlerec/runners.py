@@ -4,6 +4,7 @@
 devices, reading the data) before any runner starts; `run()` then runs `mode` in order.
 """
 
+import errno
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from .contract import DataInfo
 from .errors import CheckpointError, ConfigError, TrainingError, UserError
 from .metrics import RankMetrics, format_metrics
 from .params import validate_section
-from .plugins import PluginError, load_file
+from .plugins import PluginError, load_file, where
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ class RunContext:
     config: Config
     show_progress: bool = True
     readers: Dict[str, object] = field(default_factory=dict)  # dataset name -> Reader
+    # what each runner measured: {runner: {"epochs": [per-epoch rows], "evaluations": [per-checkpoint rows]}}
+    results: Dict[str, dict] = field(default_factory=dict)
+
+    def record(self, runner_name, kind, row):
+        self.results.setdefault(runner_name, {}).setdefault(kind, []).append(row)
 
     def model_module(self, phase_name):
         phase = self.config.phases[phase_name]
@@ -57,8 +63,8 @@ class RunContext:
             except UserError:
                 raise
             except Exception as exc:
-                raise PluginError(f"dataset.{name}: the reader file failed on {dataset['data_path']}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                raise PluginError(f"dataset.{name}: the reader file failed on {dataset['data_path']} at "
+                                  f"{where(exc, dataset['data_converter'])}: {type(exc).__name__}: {exc}") from exc
             reader = self.readers[name]
             log.info("dataset %s: %d sessions from %s (%.1fs)", name, reader.n_queries, dataset["data_path"],
                      time.perf_counter() - started)
@@ -92,15 +98,43 @@ def prepare(ctx: RunContext):
     import paddle
 
     config = ctx.config
+    for runner_name in config.mode:  # checks that need paddle itself (e.g. distributed strategies), before any data
+        check = RUNNER_CHECKS.get(config.runners[runner_name]["class"])
+        if check is not None:
+            check(ctx, runner_name)
     for runner_name in config.mode:
         runner = config.runners[runner_name]
         if runner["device"] == "gpu" and not paddle.is_compiled_with_cuda():
             select_device(runner_name, "gpu")  # raises the explanatory error
-        for phase_name in runner["phases"] + ([runner["eval_phase"]] if runner.get("eval_phase") else []):
+        if runner["class"] in ("train", "infer") and runner.get("init_model_path"):
+            check_init_path(config, runner_name)
+        for phase_name in runner.get("phases", []) + ([runner["eval_phase"]] if runner.get("eval_phase") else []):
             ctx.model_module(phase_name)
             if runner["class"] != "infer":
                 ctx.hyper_parameters(phase_name)
             ctx.reader(phase_name)
+
+
+def check_init_path(config, runner_name):
+    """init_model_path must exist already, or be the save_checkpoint_path (or a checkpoint in it)
+    of a runner that runs earlier in `mode`: a typo must not cost a whole training first."""
+    path = config.runners[runner_name]["init_model_path"]
+    if os.path.exists(path):
+        return
+    for earlier in config.mode[:config.mode.index(runner_name)]:
+        root = config.runners[earlier].get("save_checkpoint_path")
+        if root and (path == root or os.path.dirname(path) == root):
+            return
+    raise CheckpointError(f"runner.{runner_name}.init_model_path: {path} does not exist; train first (a train "
+                          f"runner with save_checkpoint_path) or point it at a checkpoint")
+
+
+@dataclass
+class StopMode:
+    """A runner returns this to end `mode` in this process (e.g. a cluster machine that does not
+    hold the checkpoints: the machine that does runs the rest)."""
+
+    reason: str
 
 
 def run(ctx: RunContext):
@@ -109,8 +143,11 @@ def run(ctx: RunContext):
         runner = ctx.config.runners[runner_name]
         started = time.perf_counter()
         log.info("runner %s (%s) starts", runner_name, runner["class"])
-        RUNNER_CLASSES[runner["class"]](ctx, runner_name)
+        outcome = RUNNER_CLASSES[runner["class"]](ctx, runner_name)
         log.info("runner %s done in %.1fs", runner_name, time.perf_counter() - started)
+        if isinstance(outcome, StopMode):
+            log.info("%s", outcome.reason)
+            break
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -155,6 +192,7 @@ def train_epoch(model, batches, batch_size, epoch, print_interval, show_progress
                     log.info("epoch %d batch %d: loss %.5f, events %d, %.0f events/s", epoch, steps,
                              loss_sum / max(events, 1), events, events / max(elapsed, 1e-9))
             bar.update(int(step_events.sum()))
+            bar.set_postfix_str(f"loss {loss_sum / max(events, 1):.4f}", refresh=False)
     seconds = time.perf_counter() - started
     return EpochResult(loss=loss_sum / max(events, 1), events=events, steps=steps, seconds=seconds)
 
@@ -166,7 +204,8 @@ def build_model(ctx, phase_name, hparams, data: DataInfo):
     except UserError:
         raise
     except Exception as exc:
-        raise PluginError(f"phase.{phase_name}.model: building the model failed: {type(exc).__name__}: {exc}") from exc
+        raise PluginError(f"phase.{phase_name}.model: building the model failed at "
+                          f"{where(exc, ctx.config.phases[phase_name]['model'])}: {type(exc).__name__}: {exc}") from exc
 
 
 def restore_for_training(ctx, runner_name, phase_name, hparams, data):
@@ -205,11 +244,21 @@ def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_
     model.grad_reducer = grad_reducer
     meta = {"hyper_parameters": hparams, "data": {"n_items": data.n_items},
             "model_file": config.phases[phase_name]["model"], "config": config.path, "runner": runner_name}
-    history = curves.History(runner["save_checkpoint_path"]) if is_chief else None
+    title = f"{runner_name}: {phase_name}" + (f", evaluated on {runner['eval_phase']}" if runner["eval_phase"] else "")
+    history = curves.History(runner["save_checkpoint_path"], start_epoch, title) if is_chief else None
+    # the progress bar's total: a session of L clicks trains on L - 1 events (a shard gets about its share)
+    total_events = None
+    if data.item_support is not None:
+        total_events = max(int(data.item_support.sum()) - reader.n_queries, 0) // shard[1]
     last_epoch = start_epoch + runner["epochs"]
+    newest = checkpoint.resolve(runner["init_model_path"], "")[0] if runner["init_model_path"] else None
     for epoch in range(start_epoch + 1, last_epoch + 1):
         batches = reader.batches(batch_size, training=True, shard=shard)
-        result = train_epoch(model, batches, batch_size, epoch, runner["print_interval"], ctx.show_progress and is_chief)
+        try:
+            result = train_epoch(model, batches, batch_size, epoch, runner["print_interval"],
+                                 ctx.show_progress and is_chief, total_events)
+        except TrainingError as exc:  # say which checkpoint to continue from
+            raise TrainingError(f"{exc}. Newest checkpoint: {newest or 'none yet'}") from None
         log.info("epoch %d done, use time: %.2fs, global metrics: loss %.5f, events %d, batches %d, %.0f events/s",
                  epoch, result.seconds, result.loss, result.events, result.steps, result.events_per_s)
         row = {"epoch": epoch, "loss": result.loss, "events": result.events, "seconds": result.seconds,
@@ -219,21 +268,24 @@ def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_
                                      topk=20)
             log.info("epoch %d eval on %s: %s", epoch, runner["eval_phase"], format_metrics(metrics))
             row.update({k: v for k, v in metrics.items() if k != "targets"})
+        ctx.record(runner_name, "epochs", row)
         if is_chief:
             last = epoch == last_epoch
             every = runner["save_checkpoint_interval"]
             if last or (every and epoch % every == 0):
-                path = checkpoint.save_checkpoint(runner["save_checkpoint_path"], epoch, model, meta)
+                path = newest = checkpoint.save_checkpoint(runner["save_checkpoint_path"], epoch, model, meta)
                 log.info("saved checkpoint %s", path)
             every = runner["save_inference_interval"]
-            if every and (last or epoch % every == 0):
-                if not runner["save_inference_path"]:
-                    raise ConfigError(f"runner.{runner_name}.save_inference_path",
-                                      "missing; save_inference_interval is set, so name a folder for inference models")
+            if every and (last or epoch % every == 0):  # config.py made sure save_inference_path is set
                 path = checkpoint.export_inference(runner["save_inference_path"], epoch, model, runner["topk"],
                                                    data.labels)
                 log.info("saved inference model %s", path)
-            history.add(row)
+            try:
+                history.add(row)
+            except OSError as exc:  # the curves share the checkpoints' disk: a full one stops here too
+                hint = "free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
+                raise checkpoint.SaveError(f"cannot write the training curves in {runner['save_checkpoint_path']}: "
+                                           f"{exc.strerror or exc}; {hint}. Checkpoints saved so far are complete.") from None
         if on_epoch is not None:
             on_epoch(epoch, model, result)
     return model
@@ -242,12 +294,14 @@ def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_
 # ---- evaluation ----------------------------------------------------------------------------
 
 def evaluate(model, reader, batch_size, cutoffs, tie_mode, topk, show_progress=False, on_output=None):
-    """The one evaluation loop: ranks of every target against all items, and each query's top-K."""
+    """The one evaluation loop: ranks of every target against all items, and (when on_output
+    wants them) each query's top-K."""
     model.begin_epoch(0, False, batch_size)
     metrics = RankMetrics(cutoffs)
     bar = progress_bar(show_progress, total=reader.n_queries, desc="evaluate", unit="sess")
     with bar:
-        for batch in reader.batches(batch_size, training=False, known_items=model.known_items()):
+        for batch in reader.batches(batch_size, training=False, known_items=model.known_items(),
+                                    recommend=on_output is not None):
             out = model.eval_step(batch, topk, tie_mode)
             metrics.add(out.ranks)
             if on_output is not None:
@@ -298,7 +352,8 @@ def write_atomic(path, fill):
     except OSError as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SaveError(f"cannot write {path}: {exc.strerror or exc}") from None
+        hint = "; free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise SaveError(f"cannot write {path}: {exc.strerror or exc}{hint}") from None
 
 
 def run_infer(ctx: RunContext, runner_name):
@@ -321,13 +376,16 @@ def run_infer(ctx: RunContext, runner_name):
             model = build_model(ctx, phase_name, hparams, DataInfo(n_items=n_items, labels=labels))
             checkpoint.check_signature(meta, model, path)
             checkpoint.load_into(model, path, with_optimizer=False)
+            wanted = bool(runner["predictions_path"] or runner["show_predictions"])
             predictions = Predictions(labels)
             started = time.perf_counter()
             metrics = evaluate_phase(ctx, phase_name, model, runner["cutoffs"], runner["tie_mode"], runner["topk"],
-                                     predictions)
+                                     predictions if wanted else None)
             seconds = time.perf_counter() - started
             log.info("infer %s, epoch %d (%s): %s, %.2fs", phase_name, meta["epoch"], path, format_metrics(metrics),
                      seconds)
+            ctx.record(runner_name, "evaluations", dict(metrics, phase=phase_name, epoch=meta["epoch"],
+                                                         checkpoint=path, seconds=seconds))
             for q, ids, _ in predictions.sorted_rows()[:runner["show_predictions"]]:
                 log.info("session: %d, top %d items: [%s]", q, len(ids), ", ".join(predictions.names(ids)))
             if runner["predictions_path"]:
@@ -336,7 +394,26 @@ def run_infer(ctx: RunContext, runner_name):
                 log.info("wrote %d sessions' top-%d to %s", len(predictions.rows), runner["topk"], out)
 
 
+def run_serve(ctx: RunContext, runner_name):
+    """Serve runner: answers HTTP until interrupted (see paddlerec/serve.py)."""
+    from .serve import serve_runner
+
+    serve_runner(ctx.config, runner_name)
+
+
+from .distributed import (check_cluster_train, check_local_cluster_train, run_cluster_train,  # noqa: E402
+                          run_local_cluster_train)
+
 RUNNER_CLASSES = {
     "train": run_train,
     "infer": run_infer,
+    "serve": run_serve,
+    "local_cluster_train": run_local_cluster_train,
+    "cluster_train": run_cluster_train,
+}
+
+# runner class -> a check that prepare() runs before any runner starts
+RUNNER_CHECKS = {
+    "local_cluster_train": check_local_cluster_train,
+    "cluster_train": check_cluster_train,
 }
