@@ -27,7 +27,7 @@ import paddle
 import paddle.nn.functional as F
 
 from paddlerec.contract import DataInfo, EvalOutput
-from paddlerec.errors import ConfigError
+from paddlerec.errors import ConfigError, TrainingError
 from paddlerec.params import Param
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ class NegativeSampler:
         self.rng = np.random.default_rng(seed)
         self.cache = np.zeros((0, n_sample), np.int64)
         self.pointer = 0
+        self.cache_state = None  # the generator's state before the store in use was drawn
 
     def draw(self, size):
         column = self.rng.integers(0, len(self.accept), size)
@@ -227,13 +228,45 @@ class NegativeSampler:
         parts = []
         while n_steps > 0:
             if self.pointer >= len(self.cache):
-                self.cache = self.draw(self.rows_per_draw * self.n_sample).reshape(-1, self.n_sample)
-                self.pointer = 0
+                self.refill()
             take = min(n_steps, len(self.cache) - self.pointer)
             parts.append(self.cache[self.pointer:self.pointer + take])
             self.pointer += take
             n_steps -= take
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+    def refill(self):
+        self.cache_state = self.rng.bit_generator.state
+        self.cache = self.draw(self.rows_per_draw * self.n_sample).reshape(-1, self.n_sample)
+        self.pointer = 0
+
+    def state(self):
+        """int64 [7]: the generator state the store in use was drawn from (PCG64's two 128-bit
+        words and its 32-bit buffer), and the position in the store (-1: nothing drawn yet)."""
+        drawn = self.cache_state is not None
+        full = self.cache_state if drawn else self.rng.bit_generator.state
+        pcg = full["state"]
+        words = [(pcg["state"] >> 64) & MASK64, pcg["state"] & MASK64, (pcg["inc"] >> 64) & MASK64, pcg["inc"] & MASK64,
+                 full["has_uint32"], full["uinteger"]]
+        position = self.pointer if drawn else MASK64  # MASK64 reads back as -1: nothing drawn yet
+        return np.array(words + [position], np.uint64).view(np.int64)
+
+    def load_state(self, packed):
+        words = [int(w) for w in np.asarray(packed, np.int64).view(np.uint64)]
+        state = self.rng.bit_generator.state
+        state["state"] = {"state": (words[0] << 64) | words[1], "inc": (words[2] << 64) | words[3]}
+        state["has_uint32"], state["uinteger"] = words[4], words[5]
+        self.rng.bit_generator.state = state
+        pointer = int(np.array([words[6]], np.uint64).view(np.int64)[0])
+        if pointer >= 0:
+            self.refill()
+            self.pointer = pointer
+        else:
+            self.cache, self.cache_state, self.pointer = np.zeros((0, self.n_sample), np.int64), None, 0
+
+
+MASK64 = (1 << 64) - 1
 
 
 def alias_table(probability):
@@ -378,10 +411,13 @@ class Model:
         if self.loss_kind in ("bpr-max", "top1-max") and self.n_sample == 0:
             log.info("n_sample is 0: %s uses only the other targets of the mini-batch as negatives", self.loss_kind)
         self.data = data
+        # clicks per item in the data being trained on: sampling weights and logQ come from it;
+        # the network's persisted item_support only says which items are known (see begin_epoch)
+        self.train_support = None if data.item_support is None else np.asarray(data.item_support, np.int64)
         self.network = GRU4RecNet(data.n_items, layers, hparams["embedding"], hparams["embedding_size"],
                                   hparams["seed"])
-        if data.item_support is not None:
-            self.network.item_support.set_value(paddle.to_tensor(data.item_support, dtype="int64"))
+        if self.train_support is not None:
+            self.network.item_support.set_value(paddle.to_tensor(self.train_support))
         self.optimizer = RowSparseOptimizer(self.network, hparams["optimizer.class"],
                                             hparams["optimizer.learning_rate"], hparams["optimizer.momentum"])
         self.batch_size = None  # the configured mini-batch size normalises the loss; set by begin_epoch
@@ -398,28 +434,49 @@ class Model:
                 "parameters": {n: list(getattr(net, n).shape) for n in net.param_names}}
 
     def optimizer_state(self):
-        return self.optimizer.state_dict()
+        """The optimizer's slots, and where the negative-sample stream stands (so a resumed run
+        draws what an uninterrupted one would have)."""
+        state = self.optimizer.state_dict()
+        if self._sampler is not None:
+            state["sampler.state"] = paddle.to_tensor(self._sampler.state())
+        return state
 
     def load_optimizer_state(self, state):
+        state = dict(state)
+        sampler_state = state.pop("sampler.state", None)
         self.optimizer.set_state_dict(state)
+        if sampler_state is not None and self.n_sample > 0:
+            self.sampler.load_state(np.asarray(sampler_state.numpy() if hasattr(sampler_state, "numpy")
+                                               else sampler_state))
 
     def known_items(self):
         return self.network.item_support.numpy() > 0
 
     def begin_epoch(self, epoch, training, batch_size=None):
         """Fresh hidden state; dropout seeded from (seed, epoch). The negative-sample store is one
-        stream over all epochs, as in the official code."""
+        stream over all epochs, as in the official code. The kernel is chosen (and loaded) here,
+        outside the epoch's timing."""
         self.hidden = None
         self.batch_size = batch_size
         if training:
             seed = self.hp["seed"]
             paddle.seed(seed * 1000003 + epoch)
             self.step_rng = np.random.default_rng([seed, epoch, 1])
+            if self.train_support is not None:
+                # a restored model keeps knowing the items it knew; the new data's items join them
+                known = np.maximum(self.network.item_support.numpy(), self.train_support)
+                self.network.item_support.set_value(paddle.to_tensor(known))
+            self.kernel()
+        else:
+            self.eval_kernel()
+
+    def sampling_support(self):
+        return self.train_support if self.train_support is not None else self.network.item_support.numpy()
 
     @property
     def sampler(self):
         if self._sampler is None:
-            support = self.network.item_support.numpy()
+            support = self.sampling_support()
             self._sampler = NegativeSampler(support, self.n_sample, self.hp["sample_alpha"], self.hp["sample_store"],
                                             seed=[self.hp["seed"], 2])
         return self._sampler
@@ -592,7 +649,7 @@ class Model:
         """log of each column's sampling weight: support for the mini-batch targets (drawn by the
         data), support**alpha for the shared negatives (drawn by the sampler)."""
         if not hasattr(self, "_log_support"):
-            support = np.maximum(self.network.item_support.numpy(), 1).astype(np.float64)
+            support = np.maximum(self.sampling_support(), 1).astype(np.float64)
             self._log_support = np.log(support).astype(np.float32)
         parts = [self._log_support[targets]]
         if sample is not None:
@@ -600,11 +657,15 @@ class Model:
         return paddle.to_tensor(np.concatenate(parts))
 
 
+NAN_SCORES = TrainingError("the model produces NaN scores: it did not train properly (a too high learning rate "
+                           "or momentum?); retrain it with lower hyper_parameters.optimizer.learning_rate")
+
+
 def rank_targets(scores, targets, tie_mode):
     """Rank of each row's target among all items (1 = best). scores [n, n_items], targets [n]."""
     target_scores = paddle.take_along_axis(scores, targets.unsqueeze(1), axis=1)
     if bool(paddle.isnan(target_scores).any()):
-        raise FloatingPointError("the model produced NaN scores")
+        raise NAN_SCORES
     higher = (scores > target_scores).astype("int64").sum(axis=1).numpy().astype(np.float64)
     equal = (scores == target_scores).astype("int64").sum(axis=1).numpy().astype(np.float64)
     return tie_ranks(higher, equal, tie_mode)
@@ -723,6 +784,8 @@ class FusedKernel:
             paddle.to_tensor(batch.targets), paddle.to_tensor(batch.carry), self._score_mask,
             EMBEDDING_CODES[net.embedding], int(topk))
         higher, equal = higher.numpy().astype(np.float64), equal.numpy().astype(np.float64)
+        if (higher < 0).any():  # the operator marks a NaN target score with -1
+            raise NAN_SCORES
         ranks = tie_ranks(higher, equal, tie_mode)
         ended = batch.targets < 0
         return EvalOutput(ranks=ranks, query_ids=batch.sessions[ended], topk_ids=topk_ids.numpy(),
@@ -740,7 +803,7 @@ class FusedKernel:
         width = sum(net.layers)
         hidden = model.hidden if model.hidden is not None else paddle.zeros([0, width])
         if self._log_support is None:
-            support = np.maximum(net.item_support.numpy(), 1).astype(np.float64)
+            support = np.maximum(model.sampling_support(), 1).astype(np.float64)
             self._log_support = paddle.to_tensor(np.log(support).astype(np.float32))
         sample_t = paddle.to_tensor(samples) if samples is not None else paddle.zeros([0, 0], dtype="int64")
         seed = int(model.step_rng.integers(0, 2 ** 62))

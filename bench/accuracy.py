@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from paddlerec.config import load_config  # noqa: E402
-from paddlerec.errors import UserError  # noqa: E402
+from paddlerec.errors import DataError, UserError  # noqa: E402
 
 PATH_KEYS = {"save_checkpoint_path": "checkpoints", "init_model_path": "checkpoints",
              "save_inference_path": "inference", "predictions_path": "predictions"}
@@ -49,12 +49,12 @@ def parse_args(argv):
 
 def check_tsv(path, what):
     if not os.path.isfile(path):
-        raise UserError(f"--{what}: no such file: {path}")
+        raise DataError(f"--{what}: no such file: {path}")
     with open(path, encoding="utf-8", errors="replace") as f:
         header = f.readline().rstrip("\r\n").split("\t")
     missing = [c for c in ("SessionId", "ItemId", "Time") if c not in header]
     if missing:
-        raise UserError(f"--{what}: {path}:1: the header lacks {', '.join(missing)} (a GRU4Rec TSV starts with "
+        raise DataError(f"--{what}: {path}:1: the header lacks {', '.join(missing)} (a GRU4Rec TSV starts with "
                         f"SessionId<TAB>ItemId<TAB>Time)")
 
 
@@ -63,7 +63,9 @@ def run_step(args, what):
     result = subprocess.run([sys.executable] + args, capture_output=True, text=True)
     if result.returncode != 0:
         message = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        raise UserError(f"{what} failed: {message}")
+        error = UserError(f"{what} failed: {message}")
+        error.exit_code = result.returncode  # 2 for bad input, as the script said
+        raise error
     return result
 
 

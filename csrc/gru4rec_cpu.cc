@@ -780,7 +780,12 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
       const int64_t t = tg_ids[lo + i];
       if (t >= 0) {
         const float ts = row[t];
-        PD_CHECK(!std::isnan(ts), "the model produced NaN scores");
+        if (std::isnan(ts)) {  // reported by the caller, which knows what to tell the user
+          higher[t_out] = -1;
+          equal[t_out] = 0;
+          ++t_out;
+          continue;
+        }
         int64_t hi = 0, eq = 0;
         for (int64_t j = 0; j < n_items; ++j) {
           hi += row[j] > ts;

@@ -154,8 +154,20 @@ def list_checkpoints(root):
     return sorted(found)
 
 
+def run_of(path):
+    """(run id, time its meta.json was written) of a checkpoint; unreadable ones sort first."""
+    try:
+        with open(os.path.join(path, META), encoding="utf-8") as f:
+            run_id = json.load(f).get("run_id", "")
+        return run_id, os.path.getmtime(os.path.join(path, META))
+    except (OSError, ValueError):
+        return "", 0.0
+
+
 def resolve(path, key, all_of_them=False):
-    """A checkpoint folder, or its parent (newest, or every one when all_of_them)."""
+    """A checkpoint folder, or its parent: the newest checkpoint (or every one, when all_of_them)
+    of the training run that saved last there. Checkpoints an earlier run left in the same
+    folder are skipped, and said so: mixing two runs' epochs would mislead."""
     if not os.path.exists(path):
         raise CheckpointError(f"{key}: {path} does not exist; train first (a train runner with "
                               f"save_checkpoint_path) or point it at a checkpoint")
@@ -164,7 +176,14 @@ def resolve(path, key, all_of_them=False):
     found = list_checkpoints(path)
     if not found:
         raise CheckpointError(f"{key}: {path} holds no complete checkpoint (a folder <epoch>/ with {META})")
-    return [p for _, p in found] if all_of_them else [found[-1][1]]
+    runs = {p: run_of(p) for _, p in found}
+    latest_run = max(runs.values(), key=lambda r: r[1])[0]
+    current = [(e, p) for e, p in found if runs[p][0] == latest_run]
+    stale = [e for e, p in found if runs[p][0] != latest_run]
+    if stale:
+        log.warning("%s: skipping checkpoint(s) %s left there by an earlier training run; using the latest run's "
+                    "epochs %s", path, ", ".join(map(str, stale)), ", ".join(str(e) for e, _ in current))
+    return [p for _, p in current] if all_of_them else [current[-1][1]]
 
 
 def read_meta(path):

@@ -101,10 +101,23 @@ def _visualdl_writer(logdir):
 
 
 def _replace(path, text):
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    _atomic(path, f".tmp-{os.getpid()}", lambda tmp: _write_text(tmp, text))
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
+
+
+def _atomic(path, suffix, write):
+    """write(tmp) then rename over path; a failed write leaves neither a tmp file nor a half file."""
+    tmp = path + suffix
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot(rows, path, title=""):
@@ -145,7 +158,7 @@ def plot(rows, path, title=""):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path + f".tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        _atomic(path, f".tmp-{os.getpid()}.png", lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)

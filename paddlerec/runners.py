@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -209,24 +210,25 @@ def build_model(ctx, phase_name, hparams, data: DataInfo):
 
 
 def restore_for_training(ctx, runner_name, phase_name, hparams, data):
-    """A fresh model, or (incremental training) one restored from init_model_path; returns (model, epoch)."""
+    """A fresh model, or (incremental training) one restored from init_model_path.
+
+    Returns (model, last epoch done, run id): a continued run keeps the id of the run it continues."""
     runner = ctx.config.runners[runner_name]
     model = build_model(ctx, phase_name, hparams, data)
     if not runner["init_model_path"]:
-        return model, 0
+        earlier = checkpoint.list_checkpoints(runner["save_checkpoint_path"])
+        if earlier:
+            log.warning("%s already holds checkpoints (epochs %s) of an earlier run; this new run's replace those "
+                        "of the same epochs, and resuming or evaluating from the folder takes this run's only",
+                        runner["save_checkpoint_path"], ", ".join(str(e) for e, _ in earlier))
+        return model, 0, uuid.uuid4().hex
     key = f"runner.{runner_name}.init_model_path"
     path = checkpoint.resolve(runner["init_model_path"], key)[0]
     meta = checkpoint.read_meta(path)
     checkpoint.check_signature(meta, model, path)
-    support = data.item_support
     checkpoint.load_into(model, path)
-    if support is not None:
-        # items seen before stay known; the new data's clicks add to the sampling weights
-        import paddle
-
-        model.network.item_support.set_value(model.network.item_support + paddle.to_tensor(support))
     log.info("continuing from %s (epoch %d)", path, meta["epoch"])
-    return model, int(meta["epoch"])
+    return model, int(meta["epoch"]), meta.get("run_id") or uuid.uuid4().hex
 
 
 def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_chief=True,
@@ -240,9 +242,9 @@ def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_
     reader = ctx.reader(phase_name)
     data = reader.info()
     batch_size = ctx.batch_size(phase_name)
-    model, start_epoch = restore_for_training(ctx, runner_name, phase_name, hparams, data)
+    model, start_epoch, run_id = restore_for_training(ctx, runner_name, phase_name, hparams, data)
     model.grad_reducer = grad_reducer
-    meta = {"hyper_parameters": hparams, "data": {"n_items": data.n_items},
+    meta = {"hyper_parameters": hparams, "data": {"n_items": data.n_items}, "run_id": run_id,
             "model_file": config.phases[phase_name]["model"], "config": config.path, "runner": runner_name}
     title = f"{runner_name}: {phase_name}" + (f", evaluated on {runner['eval_phase']}" if runner["eval_phase"] else "")
     history = curves.History(runner["save_checkpoint_path"], start_epoch, title) if is_chief else None

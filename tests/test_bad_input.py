@@ -395,11 +395,11 @@ def test_accuracy_bench_bad_input(tmp_path):
     work = tmp_path / "work"
 
     proc = run_accuracy(["--train", str(missing), "--test", str(good), "--workdir", str(work)], tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if "error" in line] == [
-        f"error: --train: no such file: {missing}"]
+        f"data error: --train: no such file: {missing}"]
     proc = run_accuracy(["--train", str(good), "--test", str(headless), "--workdir", str(work)], tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"--test: {headless}:1: the header lacks SessionId, ItemId, Time" in proc.stderr
     proc = run_accuracy(["--train", str(good), "--test", str(good), "--workdir", str(work),
                          "-o", "runner.cpu_train_runner.epoch=1"], tmp_path)

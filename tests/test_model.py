@@ -139,3 +139,39 @@ def test_one_epoch_on_real_data_beats_popularity_by_far():
     assert metrics.result()["targets"] == len(targets) == 10152
     assert popularity < 0.1
     assert recall > 0.5, (recall, popularity)  # one epoch of GRU4Rec already far above popularity
+
+
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
+def test_resumed_training_equals_uninterrupted_training(tmp_path, kernel):
+    """Checkpoint after epoch 1, restore into a new model, train epoch 2: the same numbers as
+    two epochs in one go (dropout and the negative-sample stream included)."""
+    from paddlerec import checkpoint
+    from tests.helpers import random_sessions, steps_of
+
+    if kernel == "fused":
+        try:
+            model_module.load_kernel_module()
+        except model_module.KernelUnavailable as exc:
+            pytest.skip(f"fused kernel unavailable: {exc}")
+    sessions = random_sessions(n_sessions=80, n_items=40, seed=2)
+    settings = dict(kernel=kernel, layers=[12], dropout_hidden=0.3, dropout_embed=0.1, n_sample=9, sample_store=90,
+                    logq=1.0, optimizer={"momentum": 0.3})
+
+    def train(model, epoch):
+        model.begin_epoch(epoch, True, 6)
+        return [loss for batch in steps_of(sessions, 6) for loss in model.train_step(batch)]
+
+    straight = make_model(sessions, **settings)
+    losses = train(straight, 1) + train(straight, 2)
+
+    first = make_model(sessions, **settings)
+    first_losses = train(first, 1)
+    checkpoint.save_checkpoint(str(tmp_path), 1, first, {"note": "test"})
+    resumed = make_model(sessions, **settings)
+    checkpoint.load_into(resumed, str(tmp_path / "1"))
+    resumed_losses = first_losses + train(resumed, 2)
+
+    np.testing.assert_allclose(resumed_losses, losses, rtol=1e-6)
+    for name in straight.network.param_names:
+        np.testing.assert_allclose(getattr(resumed.network, name).numpy(), getattr(straight.network, name).numpy(),
+                                   rtol=1e-6, atol=1e-7, err_msg=name)

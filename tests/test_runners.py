@@ -103,14 +103,19 @@ def test_incremental_training_restores_weights_and_optimizer_exactly(tmp_path, c
     hparams = ctx2.hyper_parameters("phase_train")
     data = ctx2.reader("phase_train").info()
     fresh = runners.build_model(ctx2, "phase_train", hparams, data)
-    restored, epoch = runners.restore_for_training(ctx2, "resume", "phase_train", hparams, data)
+    restored, epoch, run_id = runners.restore_for_training(ctx2, "resume", "phase_train", hparams, data)
     assert epoch == 2
+    # a continued run keeps the id of the run it continues
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        assert run_id == json.load(f)["run_id"]
     restored_net = _arrays(restored.network.state_dict())
     restored_opt = _arrays(restored.optimizer_state())
-    _assert_same(restored_net, saved_net, skip=("item_support",))
+    _assert_same(restored_net, saved_net)
     _assert_same(restored_opt, saved_opt)
-    # the new data's clicks add to the item counts the checkpoint holds
-    assert np.array_equal(restored_net["item_support"], saved_net["item_support"] + data.item_support)
+    # training on: the items known before stay known, the new data's items join them
+    restored.begin_epoch(3, True, 4)
+    known = restored.network.item_support.numpy()
+    assert np.array_equal(known, np.maximum(saved_net["item_support"], data.item_support))
     # and the restore did something: a fresh model differs in weights and optimizer state
     fresh_net, fresh_opt = _arrays(fresh.network.state_dict()), _arrays(fresh.optimizer_state())
     assert not np.array_equal(fresh_net["item_emb"], restored_net["item_emb"])
@@ -271,3 +276,24 @@ def test_exported_model_matches_the_network_on_any_state(trained):
     np.testing.assert_array_equal(out["topk_ids"], top_ids.numpy())
     np.testing.assert_allclose(out["topk_scores"], top_scores.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["next_hidden"], new_hidden[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_run_does_not_mix_with_an_earlier_runs_checkpoints(tmp_path, caplog):
+    """A fresh 2-epoch run into a folder where an earlier run left epochs 3..4: evaluating and
+    resuming from the folder take the new run's checkpoints only, and both say so."""
+    caplog.set_level(logging.INFO)
+    path = make_workspace(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    assert run_main(path, "runner.train.epochs=4", "mode=train") == 0
+    assert checkpoint_epochs(ckpt) == [1, 2, 3, 4]
+    caplog.clear()
+    assert run_main(path, "mode=[train, infer]") == 0  # a new run: epochs 1, 2 again
+    assert checkpoint_epochs(ckpt) == [1, 2, 3, 4]
+    text = caplog.text
+    assert "already holds checkpoints (epochs 1, 2, 3, 4) of an earlier run" in text
+    evaluated = re.findall(r"infer phase_test, epoch (\d+)", text)
+    assert evaluated == ["1", "2"]
+    assert "skipping checkpoint(s) 3, 4 left there by an earlier training run" in text
+    caplog.clear()
+    assert run_main(path, "mode=resume", "runner.resume.epochs=1") == 0
+    assert re.search(r"continuing from \S+/2 \(epoch 2\)", caplog.text)
