@@ -460,8 +460,11 @@ class Model:
         self.batch_size = batch_size
         if training:
             seed = self.hp["seed"]
-            paddle.seed(seed * 1000003 + epoch)
-            self.step_rng = np.random.default_rng([seed, epoch, 1])
+            # distributed workers draw their own dropout masks (negatives stay shared by all of
+            # them, as one process's mini-batch shares them); a single process is rank 0
+            rank = paddle.distributed.get_rank()
+            paddle.seed(seed * 1000003 + epoch + 7919 * rank)
+            self.step_rng = np.random.default_rng([seed, epoch, 1] + ([rank] if rank else []))
             if self.train_support is not None:
                 # a restored model keeps knowing the items it knew; the new data's items join them
                 known = np.maximum(self.network.item_support.numpy(), self.train_support)

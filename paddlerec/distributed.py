@@ -788,8 +788,8 @@ class _EpochSync:
         digests = [r["digest"] for r in rows]
         if len(set(digests)) > 1:
             raise TrainingError(f"after epoch {epoch} the workers' parameters differ (digests by rank: "
-                                f"{', '.join(digests)}); when continuing from init_model_path on several machines, "
-                                f"give every machine the same checkpoint")
+                                f"{', '.join(digests)}); if they continued from init_model_path on several machines, "
+                                f"give every machine the same checkpoint, otherwise this is a bug")
         events = sum(r["events"] for r in rows)
         seconds = max(r["seconds"] for r in rows)
         figures = {"epoch": epoch, "world": self.comm.world, "events": events, "seconds": seconds,
@@ -835,9 +835,9 @@ def _train(job, status):
     lockstep = LockstepReader(reader, comm)
     ctx.readers[config.phases[phase]["dataset_name"]] = lockstep
     reducer = CollectiveReducer(comm) if world > 1 else None
-    model = runners.run_train(ctx, runner_name, shard=(rank, world), grad_reducer=reducer, is_chief=rank == 0,
-                              on_epoch=_EpochSync(comm, lockstep, status, reducer))
-    status.update(digest=state_digest(model.network.state_dict(), model.optimizer_state()))
+    # _EpochSync records each epoch's figures and parameter digest in the status file
+    runners.run_train(ctx, runner_name, shard=(rank, world), grad_reducer=reducer, is_chief=rank == 0,
+                      on_epoch=_EpochSync(comm, lockstep, status, reducer))
 
 
 def _configure_worker_logging():
