@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -34,6 +35,7 @@ void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float 
 void vsExp(int n, const float* a, float* y);
 void vsTanh(int n, const float* a, float* y);
 int MKL_Set_Num_Threads_Local(int n);
+int MKL_Get_Max_Threads();
 }
 
 namespace {
@@ -62,6 +64,47 @@ struct MklThreads {
   explicit MklThreads(int n) : previous(MKL_Set_Num_Threads_Local(n)) {}
   ~MklThreads() { MKL_Set_Num_Threads_Local(previous); }
 };
+
+// Work split in two halves of the OUTPUT, the second on a helper thread, each half computed by
+// single-threaded MKL: every output element is computed the same way whatever the split, so
+// results do not depend on the thread count (MKL's own threading may split the summed
+// dimension and change the rounding from run to run). Small work stays on one thread: starting
+// a thread costs some 30 us.
+constexpr double kParallelFlops = 2e7;
+
+int worker_threads() { return std::min(2, std::max(1, MKL_Get_Max_Threads())); }
+
+template <class F>
+void split_two(bool parallel, int64_t size, F work) {
+  if (!parallel || size < 2) {
+    work(0, size);
+    return;
+  }
+  const int64_t half = size / 2;
+  std::thread helper([&] {
+    MklThreads one(1);
+    work(half, size);
+  });
+  work(0, half);
+  helper.join();
+}
+
+// gemm with the rows of C (split_rows) or its columns split between two threads
+void gemm_split(bool parallel, bool split_rows, bool ta, bool tb, int m, int n, int k, const float* a, int lda,
+                const float* b, int ldb, float* c, int ldc, float beta = 0.f) {
+  parallel = parallel && 2.0 * m * n * k >= kParallelFlops;
+  if (split_rows) {
+    split_two(parallel, m, [&](int64_t lo, int64_t hi) {
+      const float* a_part = ta ? a + lo : a + lo * lda;
+      gemm(ta, tb, (int)(hi - lo), n, k, a_part, lda, b, ldb, c + lo * ldc, ldc, beta);
+    });
+  } else {
+    split_two(parallel, n, [&](int64_t lo, int64_t hi) {
+      const float* b_part = tb ? b + lo * ldb : b + lo;
+      gemm(ta, tb, m, (int)(hi - lo), k, a, lda, b_part, ldb, c + lo, ldc, beta);
+    });
+  }
+}
 
 // splitmix64: a small, fast generator for dropout masks
 struct Rng {
@@ -182,6 +225,7 @@ struct Scratch {
       d_out_rows, d_bias, d_prev;
   std::vector<int64_t> cols;
   std::vector<float> weights;  // copies per output column (negatives drawn more than once)
+  std::vector<double> row_loss;
   std::vector<int32_t> sample_slot;  // item -> its column among this step's negatives, or -1
   SparseGrad item_emb, item_bias, input_emb;
 };
@@ -409,8 +453,9 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
                                               int embedding, int loss_kind, int optimizer, int batch_size,
                                               float dropout_embed, float dropout_hidden, float logq, float sample_alpha,
                                               float bpreg, float elu, float lr, float momentum, int64_t seed) {
-  // One thread: the products of a training step are too small to split profitably, and a
-  // fixed summation order makes training reproducible from the seed.
+  // MKL runs single-threaded; large products and the loss rows are split between two threads
+  // by output (split_two), which keeps training reproducible from the seed.
+  const bool parallel = worker_threads() > 1;
   MklThreads one_thread(1);
   static thread_local std::vector<Layer> layers;
   Net net = parse_net(params, embedding, layers, /*with_grads=*/true);
@@ -442,7 +487,8 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
   if (smp) check_ids(smp, samples.numel(), n_items, "samples");
 
   // buffers live across calls: fresh pages cost a kernel page-clear each time
-  static thread_local Scratch sc;
+  static thread_local Scratch scratch;
+  Scratch& sc = scratch;  // a lambda naming a thread_local would see the helper thread's own copy
   if ((int64_t)sc.sample_slot.size() != n_items) sc.sample_slot.assign(n_items, -1);
   sc.item_emb.init(n_items, d);
   sc.item_bias.init(n_items, 1);
@@ -561,7 +607,8 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
     }
     sc.scores.resize((int64_t)n * cols);
     for (int i = 0; i < n; ++i) std::memcpy(&sc.scores[(int64_t)i * cols], sc.out_bias.data(), sizeof(float) * cols);
-    gemm(false, true, n, (int)cols, d, x, d, sc.out_rows.data(), d, sc.scores.data(), (int)cols, 1.f);
+    gemm_split(parallel, false, false, true, n, (int)cols, d, x, d, sc.out_rows.data(), d, sc.scores.data(),
+               (int)cols, 1.f);
 
     // ---- loss and d(loss)/d(scores), in place ----
     const float* shift = nullptr;
@@ -571,16 +618,20 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
         sc.shift[j] = logq * (j < n ? 1.f : sample_alpha) * log_sup[sc.cols[j]];
       shift = sc.shift.data();
     }
-    sc.tmp.resize(5 * cols);
+    sc.tmp.resize(10 * cols);  // two threads' scratch rows
+    sc.row_loss.resize(n);
+    split_two(parallel && (double)n * cols >= kParallelFlops / 100, n, [&](int64_t lo, int64_t hi) {
+      float* tmp = sc.tmp.data() + (lo == 0 ? 0 : 5 * cols);
+      for (int64_t i = lo; i < hi; ++i) {
+        float* row = &sc.scores[i * cols];
+        const int64_t target = full ? t_ids[i] : i;
+        sc.row_loss[i] = (loss_kind == kCrossEntropy || full)
+                             ? cross_entropy_row(row, cols, target, shift, weights, tmp, scale)
+                             : ranking_row(loss_kind, row, cols, target, elu, bpreg, weights, tmp, scale);
+      }
+    });
     double loss = 0;
-    for (int i = 0; i < n; ++i) {
-      float* row = &sc.scores[(int64_t)i * cols];
-      const int64_t target = full ? t_ids[i] : i;
-      if (loss_kind == kCrossEntropy || full)
-        loss += cross_entropy_row(row, cols, target, shift, weights, sc.tmp.data(), scale);
-      else
-        loss += ranking_row(loss_kind, row, cols, target, elu, bpreg, weights, sc.tmp.data(), scale);
-    }
+    for (int i = 0; i < n; ++i) loss += sc.row_loss[i];
     loss_out[s] = (float)(loss * scale);
     if (!std::isfinite(loss_out[s])) {
       // stop before the update: the caller reports this step and keeps the last good checkpoint
@@ -592,9 +643,10 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
     const float* ds = sc.scores.data();
     const int d_last = layers[n_layers - 1].h;
     sc.d_x.resize((int64_t)n * d_last);
-    gemm(false, false, n, d_last, (int)cols, ds, (int)cols, sc.out_rows.data(), d, sc.d_x.data(), d_last);
+    gemm_split(parallel, true, false, false, n, d_last, (int)cols, ds, (int)cols, sc.out_rows.data(), d,
+               sc.d_x.data(), d_last);
     sc.d_out_rows.resize(cols * d);
-    gemm(true, false, (int)cols, d, n, ds, (int)cols, x, d, sc.d_out_rows.data(), d);
+    gemm_split(parallel, true, true, false, (int)cols, d, n, ds, (int)cols, x, d, sc.d_out_rows.data(), d);
     sc.d_bias.assign(cols, 0.f);
     for (int i = 0; i < n; ++i) {
       const float* row = ds + (int64_t)i * cols;
@@ -700,8 +752,11 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
                                              const paddle::Tensor& step_offsets, const paddle::Tensor& inputs,
                                              const paddle::Tensor& targets, const paddle::Tensor& carry,
                                              const paddle::Tensor& score_mask, int embedding, int topk) {
+  const bool parallel = worker_threads() > 1;
+  MklThreads one_thread(1);
   static thread_local std::vector<Layer> layers;
-  static thread_local std::vector<float> prev_hidden, next_hidden, h_in, x0, scores, base;
+  static thread_local std::vector<float> prev_hidden, next_hidden, h_in, x0, scores_buffer, base;
+  std::vector<float>& scores = scores_buffer;  // a lambda naming a thread_local would see another thread's
   Net net = parse_net(params, embedding, layers, /*with_grads=*/false);
   const int64_t n_items = net.n_items;
   const int d = net.d, total_h = net.total_h, in0 = net.in0;
@@ -739,8 +794,7 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
   int64_t prev_rows = hidden.numel() ? hidden.shape()[0] : 0;
   prev_hidden.assign(hidden.data<float>(), hidden.data<float>() + prev_rows * total_h);
   int64_t rows = 0, t_out = 0, e_out = 0;
-  std::vector<int64_t> best_ids(k);
-  std::vector<float> best_scores(k);
+  std::vector<int64_t> slot;
   for (int64_t s = 0; s < n_steps; ++s) {
     const int64_t lo = offs[s];
     rows = offs[s + 1] - lo;
@@ -774,46 +828,51 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
     }
     scores.resize((int64_t)n * n_items);
     for (int i = 0; i < n; ++i) std::memcpy(&scores[(int64_t)i * n_items], base.data(), sizeof(float) * n_items);
-    gemm(false, true, n, (int)n_items, d, x, d, net.p[net.item_emb].value, d, scores.data(), (int)n_items, 1.f);
-    for (int i = 0; i < n; ++i) {
-      const float* row = &scores[(int64_t)i * n_items];
-      const int64_t t = tg_ids[lo + i];
-      if (t >= 0) {
-        const float ts = row[t];
-        if (std::isnan(ts)) {  // reported by the caller, which knows what to tell the user
-          higher[t_out] = -1;
-          equal[t_out] = 0;
-          ++t_out;
-          continue;
-        }
-        int64_t hi = 0, eq = 0;
-        for (int64_t j = 0; j < n_items; ++j) {
-          hi += row[j] > ts;
-          eq += row[j] == ts;
-        }
-        higher[t_out] = hi;
-        equal[t_out] = eq;
-        ++t_out;
-      } else {
-        // keep the k best in descending order; most items fail the first comparison
-        int filled = 0;
-        for (int64_t j = 0; j < n_items; ++j) {
-          const float v = row[j];
-          if (filled == k && !(v > best_scores[k - 1])) continue;
-          int pos = filled < k ? filled++ : k - 1;
-          while (pos > 0 && v > best_scores[pos - 1]) {
-            best_scores[pos] = best_scores[pos - 1];
-            best_ids[pos] = best_ids[pos - 1];
-            --pos;
+    gemm_split(parallel, false, false, true, n, (int)n_items, d, x, d, net.p[net.item_emb].value, d, scores.data(),
+               (int)n_items, 1.f);
+    // where each row's result goes: its target's slot, or its ended session's slot
+    slot.resize(n);
+    for (int i = 0; i < n; ++i) slot[i] = tg_ids[lo + i] >= 0 ? t_out++ : e_out++;
+    split_two(parallel && (double)n * n_items >= kParallelFlops / 10, n, [&](int64_t r0, int64_t r1) {
+      std::vector<int64_t> best_ids(k);
+      std::vector<float> best_scores(k);
+      for (int64_t i = r0; i < r1; ++i) {
+        const float* row = &scores[i * n_items];
+        const int64_t t = tg_ids[lo + i];
+        if (t >= 0) {
+          const float ts = row[t];
+          if (std::isnan(ts)) {  // reported by the caller, which knows what to tell the user
+            higher[slot[i]] = -1;
+            equal[slot[i]] = 0;
+            continue;
           }
-          best_scores[pos] = v;
-          best_ids[pos] = j;
+          int64_t hi = 0, eq = 0;
+          for (int64_t j = 0; j < n_items; ++j) {
+            hi += row[j] > ts;
+            eq += row[j] == ts;
+          }
+          higher[slot[i]] = hi;
+          equal[slot[i]] = eq;
+        } else {
+          // keep the k best in descending order; most items fail the first comparison
+          int filled = 0;
+          for (int64_t j = 0; j < n_items; ++j) {
+            const float v = row[j];
+            if (filled == k && !(v > best_scores[k - 1])) continue;
+            int pos = filled < k ? filled++ : k - 1;
+            while (pos > 0 && v > best_scores[pos - 1]) {
+              best_scores[pos] = best_scores[pos - 1];
+              best_ids[pos] = best_ids[pos - 1];
+              --pos;
+            }
+            best_scores[pos] = v;
+            best_ids[pos] = j;
+          }
+          std::memcpy(top_ids + slot[i] * k, best_ids.data(), sizeof(int64_t) * k);
+          std::memcpy(top_scores + slot[i] * k, best_scores.data(), sizeof(float) * k);
         }
-        std::memcpy(top_ids + e_out * k, best_ids.data(), sizeof(int64_t) * k);
-        std::memcpy(top_scores + e_out * k, best_scores.data(), sizeof(float) * k);
-        ++e_out;
       }
-    }
+    });
     prev_hidden.swap(next_hidden);
     prev_rows = n;
   }

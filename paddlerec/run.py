@@ -39,6 +39,8 @@ def set_threads(config):
     """Paddle reads OMP_NUM_THREADS once, when it is imported; it must be set before that."""
     threads = max([config.phases[p]["thread_num"] for p in used_phases(config)] or [1])
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # numpy's own BLAS threads would only spin beside Paddle's: numpy does no heavy algebra here
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("GLOG_minloglevel", "2")
 
 

@@ -5,6 +5,7 @@ devices, reading the data) before any runner starts; `run()` then runs `mode` in
 """
 
 import errno
+import gc
 import logging
 import os
 import time
@@ -253,6 +254,9 @@ def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_
     if data.item_support is not None:
         total_events = max(int(data.item_support.sum()) - reader.n_queries, 0) // shard[1]
     last_epoch = start_epoch + runner["epochs"]
+    # what exists now (Paddle's modules, the model, the data) lives to the end: keep the cyclic
+    # garbage collector from rescanning it during the epochs
+    gc.freeze()
     newest = checkpoint.resolve(runner["init_model_path"], "")[0] if runner["init_model_path"] else None
     for epoch in range(start_epoch + 1, last_epoch + 1):
         batches = reader.batches(batch_size, training=True, shard=shard)

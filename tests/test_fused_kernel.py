@@ -93,3 +93,29 @@ def test_fused_evaluation_matches_reference(embedding, layers):
         np.testing.assert_array_equal(fused_out.topk_ids, reference_out.topk_ids)
         np.testing.assert_allclose(fused_out.topk_scores, reference_out.topk_scores, rtol=1e-5, atol=1e-6)
         assert not np.isin(fused_out.topk_ids, np.arange(35, 40)).any()
+
+
+def test_fused_matches_reference_when_work_is_split_between_threads():
+    """Large enough mini-batches that the fused step splits its products and loss rows over two
+    threads (see split_two in csrc/gru4rec_cpu.cc); evaluation large enough to split its rows."""
+    sessions = random_sessions(n_sessions=700, n_items=4000, seed=8)
+    settings = {"layers": [80], "n_sample": 1500, "loss": "cross-entropy", "logq": 0.5,
+                "optimizer": {"momentum": 0.2}}
+    fused = make_model(sessions, kernel="fused", **settings)
+    reference = make_model(sessions, kernel="reference", **settings)
+    losses = {}
+    for name, model in (("fused", fused), ("reference", reference)):
+        model.begin_epoch(1, True, 128)
+        losses[name] = [l for batch in steps_of(sessions, 128, chunk=64) for l in model.train_step(batch)]
+    np.testing.assert_allclose(losses["fused"], losses["reference"], rtol=2e-4, atol=1e-5)
+    for name in fused.network.param_names:
+        np.testing.assert_allclose(getattr(fused.network, name).numpy(), getattr(reference.network, name).numpy(),
+                                   rtol=1e-3, atol=2e-5, err_msg=name)
+    outputs = {}
+    for name, model in (("fused", fused), ("reference", reference)):
+        model.network.set_state_dict(fused.network.state_dict())
+        model.begin_epoch(0, False, 600)
+        outputs[name] = [model.eval_step(b, 10, "standard") for b in steps_of(sessions, 600, with_final=True)]
+    for f, r in zip(outputs["fused"], outputs["reference"]):
+        np.testing.assert_array_equal(f.ranks, r.ranks)
+        np.testing.assert_array_equal(f.topk_ids, r.topk_ids)
