@@ -44,6 +44,8 @@ def parse_args(argv):
     parser.add_argument("--workdir", help="keep converted data and checkpoints here (default: a temporary folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", metavar="PATH", help="also write every epoch's and evaluation's figures here")
+    parser.add_argument("--no-predictions", action="store_true",
+                        help="evaluate only (rank every target, as the official evaluation does): no top-K lists")
     return parser.parse_args(argv)
 
 
@@ -81,11 +83,13 @@ def prepare_data(train_tsv, test_tsv, work):
     return os.path.join(work, "all_train"), os.path.join(work, "all_test"), os.path.join(work, "vocab.txt")
 
 
-def data_overrides(config, train_dir, test_dir, vocab, work):
+def data_overrides(config, train_dir, test_dir, vocab, work, predictions=True):
     """Point the runners in `mode` at the prepared data and the work folder."""
     overrides = []
     for runner_name in config.mode:
         runner = config.runners[runner_name]
+        if runner["class"] == "infer" and not predictions:
+            overrides += [f"runner.{runner_name}.predictions_path=", f"runner.{runner_name}.show_predictions=0"]
         data_dir = test_dir if runner["class"] == "infer" else train_dir
         for phase in runner["phases"]:
             dataset = config.phases[phase]["dataset_name"]
@@ -110,7 +114,8 @@ def main(argv=None):
         started = time.perf_counter()
         train_dir, test_dir, vocab = prepare_data(os.path.abspath(args.train), os.path.abspath(args.test), work)
         shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
-        config = load_config(args.config, args.override + data_overrides(config, train_dir, test_dir, vocab, work))
+        config = load_config(args.config, args.override + data_overrides(config, train_dir, test_dir, vocab, work,
+                                                                     not args.no_predictions))
         from paddlerec.run import set_threads
 
         set_threads(config)

@@ -6,7 +6,8 @@
 Each setting is trained and evaluated by bench/accuracy.py in a fresh process (the path a
 user runs), `--runs` times. Printed per setting, as the median over runs:
   train events/s  real (input, next click) pairs per second, median of the epochs after the first
-  eval targets/s  test targets ranked against all items per second (top-K lists included)
+  eval targets/s  test targets ranked against all items per second (as the official evaluation:
+                  no top-K lists)
   peak RSS        the process's peak resident memory
   Recall@20, MRR@20 after the last epoch, so a speed-up cannot hide an accuracy loss.
 Then the time one epoch of the full RSC15 training set (31.6M events, 37,483 items) would
@@ -54,7 +55,8 @@ def measure_setting(name, spec, args):
         with tempfile.TemporaryDirectory(prefix="gru4rec-speed-") as tmp:
             result_path = os.path.join(tmp, "result.json")
             cmd = [sys.executable, os.path.join(REPO, "bench", "accuracy.py"), "--train", args.train, "--test",
-                   args.test, "--config", os.path.join(REPO, config), "--no-progress", "--json", result_path,
+                   args.test, "--config", os.path.join(REPO, config), "--no-progress", "--no-predictions",
+                   "--json", result_path,
                    "-o", f"runner.cpu_train_runner.epochs={args.epochs}"]
             for override in overrides:
                 cmd += ["-o", override]

@@ -24,6 +24,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -68,11 +71,59 @@ struct MklThreads {
 // Work split in two halves of the OUTPUT, the second on a helper thread, each half computed by
 // single-threaded MKL: every output element is computed the same way whatever the split, so
 // results do not depend on the thread count (MKL's own threading may split the summed
-// dimension and change the rounding from run to run). Small work stays on one thread: starting
-// a thread costs some 30 us.
+// dimension and change the rounding from run to run). Small work stays on one thread.
 constexpr double kParallelFlops = 2e7;
 
 int worker_threads() { return std::min(2, std::max(1, MKL_Get_Max_Threads())); }
+
+// One helper thread for the whole process, started on first use and parked on a condition
+// variable between jobs: starting a thread per job (and MKL's per-thread set-up on its first
+// call) costs tens of microseconds, a wake-up a few.
+class Helper {
+ public:
+  static Helper& get() {
+    static Helper* helper = new Helper();  // never destroyed: the parked thread ends with the process
+    return *helper;
+  }
+  // run job() on the helper thread while the caller does its own part; returns when both are done
+  template <class Mine>
+  void run_with(const std::function<void()>& job, Mine mine) {
+    std::lock_guard<std::mutex> one_caller(caller_);
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      job_ = &job;
+      ++posted_;
+    }
+    wake_.notify_one();
+    mine();
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [&] { return finished_ == posted_; });
+  }
+
+ private:
+  Helper() : thread_([this] { loop(); }) { thread_.detach(); }
+  void loop() {
+    MKL_Set_Num_Threads_Local(1);
+    uint64_t seen = 0;
+    for (;;) {
+      std::unique_lock<std::mutex> lock(m_);
+      wake_.wait(lock, [&] { return posted_ != seen; });
+      seen = posted_;
+      const std::function<void()>* job = job_;
+      lock.unlock();
+      (*job)();
+      lock.lock();
+      finished_ = seen;
+      lock.unlock();
+      done_.notify_one();
+    }
+  }
+  std::mutex caller_, m_;
+  std::condition_variable wake_, done_;
+  const std::function<void()>* job_ = nullptr;
+  uint64_t posted_ = 0, finished_ = 0;
+  std::thread thread_;
+};
 
 template <class F>
 void split_two(bool parallel, int64_t size, F work) {
@@ -81,12 +132,8 @@ void split_two(bool parallel, int64_t size, F work) {
     return;
   }
   const int64_t half = size / 2;
-  std::thread helper([&] {
-    MklThreads one(1);
-    work(half, size);
-  });
-  work(0, half);
-  helper.join();
+  const std::function<void()> second = [&] { work(half, size); };
+  Helper::get().run_with(second, [&] { work(0, half); });
 }
 
 // gemm with the rows of C (split_rows) or its columns split between two threads
@@ -236,14 +283,15 @@ void check_ids(const int64_t* ids, int64_t n, int64_t n_items, const char* what)
 }
 
 // Row loss and d(loss)/d(scores) for the sampled losses; row i's target is column `target`.
+// `row` holds the products x . o_j; offset[j] (the item bias, less the logQ correction for
+// cross-entropy) is added here rather than copied into every row before the product.
 // Column j stands for w[j] identical columns (a negative drawn w[j] times; w == null: all 1),
 // so sums over columns are weighted by w and the gradient written for column j is that of all
 // its copies together. Writes the gradient into `row` (in place) already multiplied by
 // `scale`; returns the loss.
-float cross_entropy_row(float* row, int64_t cols, int64_t target, const float* shift, const float* w, float* tmp,
+float cross_entropy_row(float* row, int64_t cols, int64_t target, const float* offset, const float* w, float* tmp,
                         float scale) {
-  if (shift)
-    for (int64_t j = 0; j < cols; ++j) row[j] -= shift[j];
+  for (int64_t j = 0; j < cols; ++j) row[j] += offset[j];
   float m = row[0];
   for (int64_t j = 1; j < cols; ++j) m = std::max(m, row[j]);
   for (int64_t j = 0; j < cols; ++j) tmp[j] = row[j] - m;
@@ -260,8 +308,9 @@ float cross_entropy_row(float* row, int64_t cols, int64_t target, const float* s
 }
 
 // BPR-max / TOP1-max with the softmax over the negatives (the target column excluded).
-float ranking_row(int kind, float* row, int64_t cols, int64_t target, float elu, float bpreg, const float* w,
-                  float* tmp, float scale) {
+float ranking_row(int kind, float* row, int64_t cols, int64_t target, const float* offset, float elu, float bpreg,
+                  const float* w, float* tmp, float scale) {
+  for (int64_t j = 0; j < cols; ++j) row[j] += offset[j];
   // tmp: five rows of `cols`: activated scores, softmax weights, sigmoids, gradient, second sigmoids
   float* a = tmp;
   float* sm = tmp + cols;
@@ -606,18 +655,16 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
       sc.out_bias[j] = p[item_bias].value[sc.cols[j]];
     }
     sc.scores.resize((int64_t)n * cols);
-    for (int i = 0; i < n; ++i) std::memcpy(&sc.scores[(int64_t)i * cols], sc.out_bias.data(), sizeof(float) * cols);
     gemm_split(parallel, false, false, true, n, (int)cols, d, x, d, sc.out_rows.data(), d, sc.scores.data(),
-               (int)cols, 1.f);
+               (int)cols);
 
     // ---- loss and d(loss)/d(scores), in place ----
-    const float* shift = nullptr;
-    if (loss_kind == kCrossEntropy && logq > 0) {
-      sc.shift.resize(cols);
+    // per column: the item bias, less logq * log(sampling weight) for cross-entropy with logQ
+    sc.shift.assign(sc.out_bias.begin(), sc.out_bias.end());
+    if (loss_kind == kCrossEntropy && logq > 0)
       for (int64_t j = 0; j < cols; ++j)
-        sc.shift[j] = logq * (j < n ? 1.f : sample_alpha) * log_sup[sc.cols[j]];
-      shift = sc.shift.data();
-    }
+        sc.shift[j] -= logq * (j < n ? 1.f : sample_alpha) * log_sup[sc.cols[j]];
+    const float* offset = sc.shift.data();
     sc.tmp.resize(10 * cols);  // two threads' scratch rows
     sc.row_loss.resize(n);
     split_two(parallel && (double)n * cols >= kParallelFlops / 100, n, [&](int64_t lo, int64_t hi) {
@@ -626,8 +673,8 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
         float* row = &sc.scores[i * cols];
         const int64_t target = full ? t_ids[i] : i;
         sc.row_loss[i] = (loss_kind == kCrossEntropy || full)
-                             ? cross_entropy_row(row, cols, target, shift, weights, tmp, scale)
-                             : ranking_row(loss_kind, row, cols, target, elu, bpreg, weights, tmp, scale);
+                             ? cross_entropy_row(row, cols, target, offset, weights, tmp, scale)
+                             : ranking_row(loss_kind, row, cols, target, offset, elu, bpreg, weights, tmp, scale);
       }
     });
     double loss = 0;
@@ -755,8 +802,11 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
   const bool parallel = worker_threads() > 1;
   MklThreads one_thread(1);
   static thread_local std::vector<Layer> layers;
-  static thread_local std::vector<float> prev_hidden, next_hidden, h_in, x0, scores_buffer, base;
-  std::vector<float>& scores = scores_buffer;  // a lambda naming a thread_local would see another thread's
+  static thread_local std::vector<float> prev_hidden, next_hidden, h_in, x0, scores_buffer, base_buffer;
+  // what the helper thread's lambdas use must be named through references: a lambda naming a
+  // thread_local directly would see the helper thread's own (empty) copy
+  std::vector<float>& scores = scores_buffer;
+  std::vector<float>& base = base_buffer;
   Net net = parse_net(params, embedding, layers, /*with_grads=*/false);
   const int64_t n_items = net.n_items;
   const int d = net.d, total_h = net.total_h, in0 = net.in0;
@@ -826,30 +876,33 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
       x_width = L.h;
       h_off += L.h;
     }
+    // products only: bias + mask (`base`, small enough to stay in cache) is added while ranking,
+    // instead of being copied into every row first
     scores.resize((int64_t)n * n_items);
-    for (int i = 0; i < n; ++i) std::memcpy(&scores[(int64_t)i * n_items], base.data(), sizeof(float) * n_items);
     gemm_split(parallel, false, false, true, n, (int)n_items, d, x, d, net.p[net.item_emb].value, d, scores.data(),
-               (int)n_items, 1.f);
+               (int)n_items);
     // where each row's result goes: its target's slot, or its ended session's slot
     slot.resize(n);
     for (int i = 0; i < n; ++i) slot[i] = tg_ids[lo + i] >= 0 ? t_out++ : e_out++;
-    split_two(parallel && (double)n * n_items >= kParallelFlops / 10, n, [&](int64_t r0, int64_t r1) {
+    split_two(parallel && (double)n * n_items >= 1e5, n, [&](int64_t r0, int64_t r1) {
       std::vector<int64_t> best_ids(k);
       std::vector<float> best_scores(k);
       for (int64_t i = r0; i < r1; ++i) {
-        const float* row = &scores[i * n_items];
+        float* row = &scores[i * n_items];
+        const float* b = base.data();
         const int64_t t = tg_ids[lo + i];
         if (t >= 0) {
-          const float ts = row[t];
+          const float ts = row[t] + b[t];
           if (std::isnan(ts)) {  // reported by the caller, which knows what to tell the user
             higher[slot[i]] = -1;
             equal[slot[i]] = 0;
             continue;
           }
-          int64_t hi = 0, eq = 0;
+          int32_t hi = 0, eq = 0;  // 32-bit counters: the loop vectorises
           for (int64_t j = 0; j < n_items; ++j) {
-            hi += row[j] > ts;
-            eq += row[j] == ts;
+            const float v = row[j] + b[j];
+            hi += v > ts;
+            eq += v == ts;
           }
           higher[slot[i]] = hi;
           equal[slot[i]] = eq;
@@ -857,7 +910,7 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
           // keep the k best in descending order; most items fail the first comparison
           int filled = 0;
           for (int64_t j = 0; j < n_items; ++j) {
-            const float v = row[j];
+            const float v = row[j] + b[j];
             if (filled == k && !(v > best_scores[k - 1])) continue;
             int pos = filled < k ? filled++ : k - 1;
             while (pos > 0 && v > best_scores[pos - 1]) {
