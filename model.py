@@ -709,6 +709,7 @@ def load_kernel_module():
         return _kernel_module
     import contextlib
     import fcntl
+    import hashlib
     import io
 
     import warnings
@@ -723,22 +724,48 @@ def load_kernel_module():
     paddle_log = logging.getLogger("utils.cpp_extension")  # Paddle's builder logs each load at INFO
     level = paddle_log.level
     paddle_log.setLevel(logging.WARNING)
+    flags = dict(extra_cxx_cflags=["-O3", "-march=native", "-fno-math-errno"],
+                 extra_ldflags=[f"-L{libs}", "-l:libmklml_intel.so", f"-Wl,-rpath,{libs}"])
+    with open(KERNEL_SOURCE, "rb") as f:
+        stamp = hashlib.sha256(f.read() + repr((flags, paddle.__version__)).encode()).hexdigest()
+    stamp_path = os.path.join(KERNEL_BUILD_DIR, "built.sha256")
     try:
         # several processes (tests, distributed workers) may build at once: one at a time
         with open(os.path.join(KERNEL_BUILD_DIR, ".lock"), "w") as lock, contextlib.redirect_stdout(captured), \
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No ccache found")  # harmless: the build is cached
             fcntl.flock(lock, fcntl.LOCK_EX)
-            _kernel_module = load(
-                name="gru4rec_cpu", sources=[KERNEL_SOURCE], build_directory=KERNEL_BUILD_DIR,
-                extra_cxx_cflags=["-O3", "-march=native", "-fno-math-errno"],
-                extra_ldflags=[f"-L{libs}", "-l:libmklml_intel.so", f"-Wl,-rpath,{libs}"], verbose=False)
+            _kernel_module = _load_built(stamp, stamp_path)
+            if _kernel_module is None:
+                _kernel_module = load(name="gru4rec_cpu", sources=[KERNEL_SOURCE], build_directory=KERNEL_BUILD_DIR,
+                                      verbose=False, **flags)
+                with open(stamp_path, "w") as f:
+                    f.write(stamp)
     except Exception as exc:  # a compiler or loader failure: say why, the caller decides
         lines = [l for l in (str(exc) + "\n" + captured.getvalue()).splitlines() if "error" in l.lower()]
         raise KernelUnavailable((lines[0] if lines else str(exc).splitlines()[0])[:300]) from None
     finally:
         paddle_log.setLevel(level)
     return _kernel_module
+
+
+def _load_built(stamp, stamp_path):
+    """The operator library built earlier from this very source, or None.
+
+    paddle.utils.cpp_extension.load() starts a Python subprocess that imports Paddle to let
+    setuptools decide whether to recompile — some 2 s at every start even when nothing changed.
+    When our stamp says the library matches the source, load the library directly instead (this
+    uses a helper of Paddle's that is not public API; on any failure, load() does the work)."""
+    library = os.path.join(KERNEL_BUILD_DIR, "gru4rec_cpu")
+    try:
+        with open(stamp_path) as f:
+            if f.read().strip() != stamp:
+                return None
+        from paddle.utils.cpp_extension.extension_utils import _import_module_from_library
+
+        return _import_module_from_library("gru4rec_cpu", library, False)
+    except Exception:  # no stamp yet, or Paddle moved its helper: build the regular way
+        return None
 
 
 def kernel_limits(model):

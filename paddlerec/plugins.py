@@ -63,16 +63,3 @@ def load_file(path: str, role: str, key: str, required=()):
                           f"(see README, 'The model contract')")
     _cache[path] = module
     return module
-
-
-def call_plugin(func, role: str, *args, **kwargs):
-    """Call into a model/reader file; a bug inside it is reported with its file and line."""
-    try:
-        return func(*args, **kwargs)
-    except UserError:
-        raise
-    except Exception as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        frame = frames[-1] if frames else None
-        at = f" at {frame.filename}:{frame.lineno}" if frame else ""
-        raise PluginError(f"the {role} raised{at}: {type(exc).__name__}: {exc}") from exc

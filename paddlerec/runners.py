@@ -304,7 +304,7 @@ def evaluate(model, reader, batch_size, cutoffs, tie_mode, topk, show_progress=F
     wants them) each query's top-K."""
     model.begin_epoch(0, False, batch_size)
     metrics = RankMetrics(cutoffs)
-    bar = progress_bar(show_progress, total=reader.n_queries, desc="evaluate", unit="sess")
+    bar = progress_bar(show_progress, desc="evaluate", unit="targets")
     with bar:
         for batch in reader.batches(batch_size, training=False, known_items=model.known_items(),
                                     recommend=on_output is not None):
@@ -312,7 +312,7 @@ def evaluate(model, reader, batch_size, cutoffs, tie_mode, topk, show_progress=F
             metrics.add(out.ranks)
             if on_output is not None:
                 on_output(out)
-            bar.update(len(out.query_ids))
+            bar.update(len(out.ranks))
     return metrics.result()
 
 

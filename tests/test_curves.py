@@ -202,7 +202,7 @@ def test_progress_bars_on_a_terminal_and_log_lines_stay(sample_run):
     _, _, output = sample_run
     assert re.search(r"epoch 1: +\d+%\|.*\| *\d+/\d+ \[", output)  # the training bar, with its total
     assert "ev/s" in output
-    assert "evaluate:" in output and "sess/s" in output  # the per-epoch evaluation bar
+    assert "evaluate:" in output and "targets" in output  # the per-epoch evaluation bar (targets ranked)
     assert "epoch 2 done" in output and "epoch 2 eval on phase_train" in output  # the log lines
 
 
