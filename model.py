@@ -850,11 +850,13 @@ class FusedKernel:
 
 def build_kernel():
     """`sh setup.sh` calls this so the first training run does not wait for the compiler."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import sys
+
     try:
         load_kernel_module()
     except KernelUnavailable as exc:
-        log.warning("the fused CPU kernel could not be built (%s); training will use Paddle operators", exc)
+        print(f"setup: the fused CPU kernel could not be built ({exc}); training will use Paddle operators "
+              f"(kernel: reference)", file=sys.stderr)
         return 1
-    log.info("fused CPU kernel ready in %s", KERNEL_BUILD_DIR)
+    print(f"setup: fused CPU kernel ready in {KERNEL_BUILD_DIR}", file=sys.stderr)
     return 0
