@@ -23,25 +23,14 @@ import warnings
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
+from cli_common import DataError, UsageParser  # noqa: E402
+
+
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("SessionId", "ItemId", "Time")
 WRITE_SESSIONS = 200_000
-
-
-class DataError(Exception):
-    """Bad input or usage: main() prints it as one ``error:`` line, exit 2."""
-
-    def __init__(self, what: str, path: str | None = None,
-                 line: int | None = None, hint: str | None = None):
-        super().__init__(what)
-        self.what, self.path, self.line, self.hint = what, path, line, hint
-
-    def __str__(self) -> str:
-        where = ""
-        if self.path is not None:
-            where = f", {self.path}" + (f":{self.line}" if self.line else "")
-        return self.what + where + (f"; {self.hint}" if self.hint else "")
 
 
 def read_header(path: str) -> list[str]:
@@ -154,13 +143,6 @@ def convert(tsv_path: str, out_path: str) -> tuple[int, int]:
             os.remove(temp)
     log.info("%s: %d sessions, %d events → %s", tsv_path, len(lengths), len(items), out_path)
     return len(lengths), len(items)
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse whose usage errors are the project's one ``error:`` line (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

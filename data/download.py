@@ -36,6 +36,10 @@ from urllib.parse import urlsplit
 import requests
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
+from cli_common import UsageParser  # noqa: E402
+
+
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "https://s3-eu-west-1.amazonaws.com/yc-rdata/yoochoose-data.7z"
@@ -265,13 +269,6 @@ def extract_clicks(archive: str, dest: str, member: str = CLICKS_MEMBER) -> str:
             os.remove(temp)
     log.info("extracted %s", dest)
     return dest
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse whose usage errors are the project's one ``error:`` line (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
+from cli_common import DataError, UsageParser  # noqa: E402
+
+
 log = logging.getLogger(__name__)
 
 US_PER_SECOND = 1_000_000
@@ -67,21 +71,6 @@ _TS_SEPARATORS = ((4, b"-"), (7, b"-"), (10, b"T"), (13, b":"), (16, b":"),
                   (19, b"."), (23, b"Z"))
 _DAYS_IN_MONTH = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31],
                           dtype=np.int64)
-
-
-class DataError(Exception):
-    """Bad input or usage: main() prints it as one ``error:`` line, exit 2."""
-
-    def __init__(self, what: str, path: str | None = None,
-                 line: int | None = None, hint: str | None = None):
-        super().__init__(what)
-        self.what, self.path, self.line, self.hint = what, path, line, hint
-
-    def __str__(self) -> str:
-        where = ""
-        if self.path is not None:
-            where = f", {self.path}" + (f":{self.line}" if self.line else "")
-        return self.what + where + (f"; {self.hint}" if self.hint else "")
 
 
 class RowError(ValueError):
@@ -592,13 +581,6 @@ def format_stats(stats: list) -> str:
         lines.append("  ".join(cells))
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse whose usage errors are the project's one ``error:`` line (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

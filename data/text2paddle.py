@@ -24,25 +24,14 @@ import sys
 
 import yaml
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
+from cli_common import DataError, UsageParser  # noqa: E402
+
+
 log = logging.getLogger(__name__)
 
 MIN_TEST_SESSION_LENGTH = 2
 WORKSPACE_OUTPUT = "{workspace}/output"
-
-
-class DataError(Exception):
-    """Bad input or usage: main() prints it as one ``error:`` line, exit 2."""
-
-    def __init__(self, what: str, path: str | None = None,
-                 line: int | None = None, hint: str | None = None):
-        super().__init__(what)
-        self.what, self.path, self.line, self.hint = what, path, line, hint
-
-    def __str__(self) -> str:
-        where = ""
-        if self.path is not None:
-            where = f", {self.path}" + (f":{self.line}" if self.line else "")
-        return self.what + where + (f"; {self.hint}" if self.hint else "")
 
 
 def read_sessions(path: str):
@@ -240,13 +229,6 @@ def write_config(repo_config: str, out_dir: str, workspace: str | None = None) -
         stream.write(text)
     log.info("config: %s (workspace %s)", target, config["workspace"])
     return target
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse whose usage errors are the project's one ``error:`` line (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,28 @@
+"""What the data/ scripts share: their error type and their argument parser.
+
+The scripts run as `python data/<script>.py` (data/ is not a package), so each puts this
+folder on sys.path before importing this module.
+"""
+
+import argparse
+
+
+class DataError(Exception):
+    """Bad input or usage: main() prints it as one ``error:`` line, exit 2."""
+
+    def __init__(self, what: str, path: str | None = None, line: int | None = None, hint: str | None = None):
+        super().__init__(what)
+        self.what, self.path, self.line, self.hint = what, path, line, hint
+
+    def __str__(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = f", {self.path}" + (f":{self.line}" if self.line else "")
+        return self.what + where + (f"; {self.hint}" if self.hint else "")
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse whose usage errors are the project's one ``error:`` line (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
