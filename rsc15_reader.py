@@ -70,6 +70,12 @@ class StepBatch:
         valid = (self.targets >= 0).astype(np.int64)
         return np.add.reduceat(valid, self.step_offsets[:-1]) if len(valid) else np.zeros(0, np.int64)
 
+    def head(self, n_steps):
+        """The first n_steps mini-batches (carry indices stay valid: they point into the step before)."""
+        rows = int(self.step_offsets[n_steps])
+        return StepBatch(self.step_offsets[:n_steps + 1], self.inputs[:rows], self.targets[:rows],
+                         self.carry[:rows], self.sessions[:rows])
+
     def step(self, s):
         lo, hi = self.step_offsets[s], self.step_offsets[s + 1]
         return self.inputs[lo:hi], self.targets[lo:hi], self.carry[lo:hi], self.sessions[lo:hi]

@@ -13,8 +13,9 @@ Reader file (`dataset.data_converter`) defines
             per item id) drops items the model never saw. shard=(rank, world) splits the
             data between distributed workers.
         n_queries: int                       number of sessions (queries)
-    Every batch has `n_steps` (mini-batches it holds) and `step_events` (int64 array:
-    training targets per mini-batch), which is all the runners look at.
+    Every batch has `n_steps` (mini-batches it holds), `step_events` (int64 array: training
+    targets per mini-batch) and `head(n)` (a batch of its first n mini-batches; distributed
+    workers cut their epochs to a common length with it), which is all the runners use.
 
 Model file (`phase.model`) defines
     HYPER_PARAMETERS: tuple of paddlerec.params.Param — every key `hyper_parameters` takes.
@@ -25,6 +26,9 @@ Model file (`phase.model`) defines
         begin_epoch(epoch: int, training: bool, batch_size: int)
         train_step(batch) -> numpy array     trains on each mini-batch; their summed losses / batch_size
         eval_step(batch, topk, tie_mode) -> EvalOutput
+        known_items() -> bool array          items it may rank and recommend (evaluation drops the rest)
+        grad_reducer                         None, or a function distributed training sets to combine
+                                             (dense_grads, sparse_grads) between backward and update
         export(path_prefix: str, topk: int) -> dict   writes a paddle.inference model; returns its I/O description
 """
 

@@ -666,19 +666,6 @@ def unpack_rows(names, tails, widths, per_row, all_counts, gathered):
     return out
 
 
-def first_steps(batch, n_steps):
-    """The first n_steps mini-batches of a batch in the StepBatch layout (rsc15_reader.py): step
-    s owns rows step_offsets[s]..step_offsets[s+1] of every other (per-row) array field. A prefix
-    of steps keeps every `carry` index valid: it points into the previous step."""
-    if not dataclasses.is_dataclass(batch) or not hasattr(batch, "step_offsets"):
-        raise TrainingError(f"distributed training cuts the reader's batches at a mini-batch boundary and needs the "
-                            f"StepBatch layout (step_offsets + per-row arrays); got {type(batch).__name__}")
-    offsets = batch.step_offsets
-    rows = int(offsets[n_steps])
-    per_row = {f.name: getattr(batch, f.name)[:rows] for f in dataclasses.fields(batch) if f.name != "step_offsets"}
-    return dataclasses.replace(batch, step_offsets=offsets[:n_steps + 1], **per_row)
-
-
 class LockstepReader:
     """A worker's training reader whose epochs hold the same number of mini-batches on every worker.
 
@@ -723,7 +710,7 @@ class LockstepReader:
                 left -= batch.n_steps
                 yield batch
             else:
-                yield first_steps(batch, left)
+                yield batch.head(left)
                 left = 0
 
 

@@ -53,8 +53,9 @@ def test_fused_matches_reference(case):
                                    err_msg=key)
 
 
-def test_fused_dropout_keeps_expected_fraction():
-    """With dropout the two paths draw different masks; the fused one must still train sanely."""
+def test_fused_training_with_dropout_learns():
+    """With dropout the two paths draw different masks, so no number-for-number comparison:
+    the fused one must still drive the loss down."""
     sessions = random_sessions(n_sessions=60, n_items=25, seed=5)
     model = make_model(sessions, kernel="fused", layers=[16], dropout_embed=0.3, dropout_hidden=0.3, n_sample=8)
     losses = []

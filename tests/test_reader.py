@@ -123,3 +123,4 @@ def test_evaluation_drops_unknown_items_and_keeps_line_numbers(tmp_path):
     owners = sum((r[2] for r in rows), [])
     # session 0 becomes [1, 2], session 1 vanishes, session 2 stays: line numbers are kept
     assert sorted(zip(owners, inputs, targets)) == [(0, 1, 2), (0, 2, -1), (2, 3, 4), (2, 4, -1)]
+
