@@ -105,38 +105,7 @@ def save_checkpoint(root, epoch, model, meta):
     return atomic_folder(root, str(epoch), fill)
 
 
-def export_inference(root, epoch, model, topk, labels):
-    """Write inference model `<root>/<epoch>` (paddle.jit.save) with io.json and the vocab."""
-    def fill(tmp):
-        io = model.export(os.path.join(tmp, "model"), topk)
-        _name_outputs(os.path.join(tmp, "model.json"), io.get("outputs", []))
-        if labels is not None:
-            with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8") as f:
-                f.write("\n".join(labels) + "\n")
-        _write_json(os.path.join(tmp, IO), dict(io, format=FORMAT, epoch=epoch, vocab="vocab.txt" if labels else ""))
-    return atomic_folder(root, str(epoch), fill)
-
-
-def _name_outputs(program_path, outputs):
-    """Give the saved program's outputs the names io.json lists.
-
-    Paddle 3.3 names the outputs of a saved PIR program fetch_name_0..N, which a user of
-    `paddle.inference` would have to guess; the name is a plain attribute of each fetch op
-    in the JSON program. Anything unexpected leaves the file as Paddle wrote it (io.json
-    still gives the order).
-    """
-    if not outputs or not os.path.isfile(program_path):
-        return
-    with open(program_path, encoding="utf-8") as f:
-        text = f.read()
-    generated = ['"D":' + json.dumps(f"fetch_name_{i}") for i in range(len(outputs))]
-    if text.count('"D":"fetch_name_') != len(outputs) or any(text.count(g) != 1 for g in generated):
-        log.warning("%s: outputs not renamed (unexpected program layout); their order is in %s", program_path, IO)
-        return
-    for old, name in zip(generated, outputs):
-        text = text.replace(old, '"D":' + json.dumps(name))
-    with open(program_path, "w", encoding="utf-8") as f:
-        f.write(text)
+from .export import write_export as export_inference  # kept until runners call export.write_export
 
 
 def is_checkpoint(path):
