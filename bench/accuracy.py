@@ -119,7 +119,8 @@ def main(argv=None):
         from paddlerec.run import set_threads
 
         set_threads(config)
-        from paddlerec.runners import RunContext, run
+        from paddlerec.loops import RunContext
+        from paddlerec.mode import run
 
         ctx = RunContext(config, show_progress=not args.no_progress)
         run(ctx)

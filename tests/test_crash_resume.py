@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from paddlerec.run import main
-from tests.spine_fixtures import (PYTHON, REPO, assert_one_clean_error, checkpoint_epochs, leftovers,
-                                  make_workspace, run_cli)
+from tests.helpers import (PYTHON, REPO, assert_one_clean_error, checkpoint_epochs, leftovers,
+                                  make_workspace, run_paddlerec)
 from tests.test_bad_input import load_every_checkpoint
 
 # long enough epochs to be killed inside one: 600 sessions, about 270 mini-batches of 8
@@ -77,7 +77,7 @@ def resume_and_check(folder, extra_epochs=2):
     ckpt = folder / "ckpt"
     before = checkpoint_epochs(ckpt)
     assert before, "the killed run should have finished at least one checkpoint"
-    proc = run_cli(["-m", str(folder), "-o", "mode=resume", "-o", f"runner.resume.epochs={extra_epochs}"])
+    proc = run_paddlerec(["-m", str(folder), "-o", "mode=resume", "-o", f"runner.resume.epochs={extra_epochs}"])
     assert proc.returncode == 0, proc.stderr
     newest = before[-1]
     assert f"continuing from {ckpt / str(newest)} (epoch {newest})" in proc.stderr
@@ -189,7 +189,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(trained, tmp_path
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained / "ckpt", ckpt)
     before = _digest(ckpt)
-    proc = run_cli(["-m", str(tmp_path), "-o", "mode=resume", "-o", f"hyper_parameters.kernel={kernel}",
+    proc = run_paddlerec(["-m", str(tmp_path), "-o", "mode=resume", "-o", f"hyper_parameters.kernel={kernel}",
                     "-o", "hyper_parameters.optimizer.learning_rate=1e38"])
     if kernel == "fused" and "config error: hyper_parameters.kernel: fused, but" in proc.stderr:
         pytest.skip("the fused kernel is not available here")

@@ -1,4 +1,4 @@
-"""Distributed training (paddlerec/distributed.py): 2 workers on the sample data, a dying worker,
+"""Distributed training (paddlerec/launch.py, paddlerec/worker.py): 2 workers on the sample data, a dying worker,
 two "machines" on 127.0.0.1, the parameter-server check, and the gradient reducer's arithmetic.
 
 The multi-process tests start real paddle.distributed.launch jobs (3-6 Python processes each);
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import PYTHON, REPO, run_cli
+from tests.helpers import PYTHON, REPO, hparams, random_sessions, run_cli, steps_of
 
 MODEL = os.path.join(REPO, "model.py")
 READER = os.path.join(REPO, "rsc15_reader.py")
@@ -94,7 +94,7 @@ def checkpoint_digest(path):
     """The digest the workers report, recomputed from a saved checkpoint's files."""
     import paddle
 
-    from paddlerec.distributed import state_digest
+    from paddlerec.worker import state_digest
 
     return state_digest(paddle.load(os.path.join(path, "model.pdparams")),
                         paddle.load(os.path.join(path, "optimizer.pdopt")))
@@ -153,7 +153,6 @@ def test_two_workers_keep_identical_parameters_and_their_checkpoint_serves_infer
     import paddle
 
     import model as model_module
-    from tests.helpers import hparams
 
     state = paddle.load(str(tmp_path / "checkpoints" / "2" / "model.pdparams"))
     from paddlerec.contract import DataInfo
@@ -207,7 +206,8 @@ def test_distributed_settings_are_checked_before_anything_starts(tmp_path, monke
                                                                  words):
     from paddlerec.config import load_config
     from paddlerec.errors import ConfigError
-    from paddlerec.runners import RunContext, prepare
+    from paddlerec.loops import RunContext
+    from paddlerec.mode import prepare
 
     for name in ("PADDLE_MASTER", "PADDLE_NNODES", "PADDLE_RANK", "PADDLE_NPROC_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
@@ -219,7 +219,7 @@ def test_distributed_settings_are_checked_before_anything_starts(tmp_path, monke
 
 def test_cluster_settings_fall_back_to_the_launcher_variables(tmp_path):
     from paddlerec.config import load_config
-    from paddlerec.distributed import cluster_settings
+    from paddlerec.launch import cluster_settings
 
     config = load_config(write_config(tmp_path, distributed_runner(tmp_path, "dist", "cluster_train"), "[dist]"))
     runner = config.runners["dist"]
@@ -345,7 +345,7 @@ class ThreadComm:
 def test_reducer_averages_dense_gradients_and_gathers_sparse_rows_of_unequal_lengths():
     import paddle
 
-    from paddlerec.distributed import CollectiveReducer
+    from paddlerec.worker import CollectiveReducer
 
     rng = np.random.default_rng(7)
     inputs = []
@@ -385,7 +385,6 @@ def test_reducer_averages_dense_gradients_and_gathers_sparse_rows_of_unequal_len
 
 def test_lockstep_cut_keeps_a_prefix_of_whole_mini_batches():
     import rsc15_reader
-    from tests.helpers import random_sessions, steps_of
 
     batch = next(iter(steps_of(random_sessions(40, 30, seed=3), batch_size=8, chunk=20)))
     assert batch.n_steps > 5

@@ -10,7 +10,7 @@ import pytest
 import model as model_module
 import rsc15_reader
 from paddlerec.metrics import RankMetrics
-from tests.helpers import RSC15_100K, make_model
+from tests.helpers import RSC15_100K, make_model, random_sessions, steps_of
 
 
 def test_sampler_follows_support_to_the_power_alpha():
@@ -146,7 +146,6 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, kernel):
     """Checkpoint after epoch 1, restore into a new model, train epoch 2: the same numbers as
     two epochs in one go (dropout and the negative-sample stream included)."""
     from paddlerec import checkpoint
-    from tests.helpers import random_sessions, steps_of
 
     if kernel == "fused":
         try:
