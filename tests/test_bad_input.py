@@ -491,6 +491,7 @@ def _can_mount_tmpfs(folder):
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_really_full_disk(tmp_path):
     """Real small file systems (private tmpfs mounts; need mount rights, else skipped) for the
     checkpoints and for the inference models: training runs until one is full. Every

@@ -90,6 +90,7 @@ def resume_and_check(folder, extra_epochs=2):
     return after
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_an_epoch(tmp_path):
     make_workspace(tmp_path, n_train=LONG)
     proc, lines = start(["-m", str(tmp_path), "-o", "runner.train.epochs=50", "-o", "runner.train.print_interval=64"],
@@ -125,6 +126,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_save(tmp_path):
     make_workspace(tmp_path)
     driver = tmp_path / "slow_save.py"
@@ -147,6 +149,7 @@ def test_sigkill_in_the_middle_of_a_save(tmp_path):
     assert resume_and_check(tmp_path) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment(tmp_path):
     """Killed at a moment drawn at random once checkpoints are being written: whatever it hit
     (training, paddle.save, meta.json, the rename, the curves), what is left is usable."""

@@ -129,6 +129,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 def test_two_workers_keep_identical_parameters_and_their_checkpoint_serves_infer_and_incremental(tmp_path):
     runners = distributed_runner(tmp_path, "dist", "local_cluster_train", "  worker_num: 2\n  eval_phase: test\n") + \
@@ -250,6 +251,7 @@ class Model(base.Model):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 def test_a_killed_worker_stops_the_job_with_its_log_named_and_nothing_left_running(tmp_path):
     model = tmp_path / "dying_model.py"
@@ -268,6 +270,7 @@ def test_a_killed_worker_stops_the_job_with_its_log_named_and_nothing_left_runni
     assert time.monotonic() - started < 150
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 def test_cluster_train_on_two_hosts_at_localhost(tmp_path):
     port = free_port()
@@ -302,6 +305,7 @@ def test_cluster_train_on_two_hosts_at_localhost(tmp_path):
     assert_no_leftovers(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 def test_cluster_train_stops_when_the_other_machine_never_joins(tmp_path):
     extra = f"  master: \"127.0.0.1:{free_port()}\"\n  nnodes: 2\n  node_rank: 0\n  nproc_per_node: 1\n"

@@ -116,6 +116,7 @@ def load_tsv_sessions(path, item_index=None):
     return rsc15_reader.Sessions(np.concatenate(lists), offsets), item_index
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(RSC15_100K), reason=f"real RSC15 sample not found at {RSC15_100K}")
 def test_one_epoch_on_real_data_beats_popularity_by_far():
     train, index = load_tsv_sessions(os.path.join(RSC15_100K, "yoochoose-clicks-100k_train_full.txt"))

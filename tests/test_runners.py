@@ -43,6 +43,7 @@ def read_predictions(path):
     return rows
 
 
+@pytest.mark.slow
 def test_one_epoch_of_the_shipped_config(tmp_path):
     """README's first command, shortened to one epoch, with every output redirected to tmp."""
     out = tmp_path / "out"
