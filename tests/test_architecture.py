@@ -83,3 +83,29 @@ def test_every_runner_class_names_functions_that_exist():
         assert callable(runner_class.run_function()), name
         if runner_class.check:
             assert callable(runner_class.check_function()), name
+
+
+CALLS = []
+
+
+def record_the_call(ctx, runner_name):
+    """The run function of the runner class the next test declares."""
+    CALLS.append((runner_name, ctx.config.runners[runner_name]["greeting"]))
+
+
+def test_a_new_runner_class_is_one_registry_entry_and_its_run_function(tmp_path, monkeypatch):
+    from paddlerec.config import load_config
+    from paddlerec.loops import RunContext
+    from paddlerec.mode import run
+    from paddlerec.params import Param
+    from paddlerec.registry import RUNNER_COMMON, RunnerClass
+    from tests.helpers import base_config, make_workspace
+
+    params = RUNNER_COMMON + (Param("greeting", "str", "hello", help="what it says"),)
+    monkeypatch.setitem(RUNNER_CLASSES, "greet", RunnerClass("greet", params, f"{__name__}:record_the_call"))
+    config = base_config()
+    config["runner"].append({"name": "hi", "class": "greet", "phases": ["phase_test"], "greeting": "hej"})
+    config["mode"] = ["hi"]
+    CALLS.clear()
+    run(RunContext(load_config(make_workspace(tmp_path, config)), show_progress=False))
+    assert CALLS == [("hi", "hej")]
