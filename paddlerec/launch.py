@@ -50,7 +50,7 @@ STOP_GRACE_SECONDS = 40  # the launcher gives its workers 30 s after SIGTERM bef
 POLL_SECONDS = 0.5
 
 
-# ---- checks before anything starts (called by mode.prepare) --- ------------------------------
+# ---- checks before anything starts (called by mode.prepare) ---------------------------------
 
 def parameter_server_problem(strategy):
     """Why a parameter-server strategy cannot train this model with the installed Paddle."""

@@ -128,6 +128,14 @@ def _padded(tensor, length):
 
 # ---- combining gradients: how the workers' gradients become one update ------------------------
 
+def gradient_combiner(runner, comm):
+    """The `Model.grad_reducer` of this job (the runner's settings decide it; one worker has
+    nothing to combine). A new way of combining is a class beside CollectiveReducer, chosen here."""
+    if comm.world == 1:
+        return None
+    return CollectiveReducer(comm)
+
+
 class CollectiveReducer:
     """`Model.grad_reducer`: the mean over the workers of the dense and the row-sparse gradients.
 
@@ -383,7 +391,7 @@ def _train(job, status):
                         f"({config.dataset_of(phase)['data_path']}); every machine needs the same files")
     lockstep = LockstepReader(reader, comm)
     ctx.readers[config.phases[phase]["dataset_name"]] = lockstep
-    reducer = CollectiveReducer(comm) if world > 1 else None
+    reducer = gradient_combiner(runner, comm)
     # _EpochSync records each epoch's figures and parameter digest in the status file
     run_train(ctx, runner_name, shard=(rank, world), grad_reducer=reducer, is_chief=rank == 0,
               on_epoch=_EpochSync(comm, lockstep, status, reducer))
