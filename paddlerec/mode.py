@@ -86,6 +86,8 @@ def folder_problem(path):
         if parent == existing:
             break
         existing = parent
+    if os.path.islink(existing) and not os.path.exists(existing):
+        return f"{existing} is a symbolic link to {os.readlink(existing)}, which does not exist; fix or remove the link"
     if not os.path.isdir(existing):
         if existing == path:
             return f"{path} is a file, not a folder; remove it or name another folder"

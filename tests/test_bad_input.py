@@ -549,7 +549,9 @@ def _assert_exports_match_checkpoints(ckpt, inference, epochs):
         config.disable_glog_info()
         predictor = paddle_inference.create_predictor(config)
         hidden = np.zeros((N_ITEMS, io["hidden_size"]), np.float32)
-        for name, value in zip(io["inputs"], (items, hidden)):
+        nothing_excluded = np.full((N_ITEMS, 1), io["n_items"], np.int64)  # the padding id
+        for spec, value in zip(io["inputs"], (items, hidden, nothing_excluded)):  # as paddlerec/export.py lists them
+            name = spec["name"]
             predictor.get_input_handle(name).reshape(list(value.shape))
             predictor.get_input_handle(name).copy_from_cpu(value)
         predictor.run()

@@ -59,6 +59,14 @@ def test_an_output_folder_under_a_file(tmp_path, capsys):
                                f"{target} cannot be created: {tmp_path / 'taken'} is a file")
 
 
+def test_an_output_folder_that_is_a_dangling_link(tmp_path, capsys):
+    path = make_workspace(tmp_path)
+    (tmp_path / "ckpt").symlink_to(tmp_path / "gone")
+    code, err = run_in_process(capsys, path)
+    assert_stopped_before_work(code, err, "runner.train.save_checkpoint_path",
+                               f"{tmp_path / 'ckpt'} is a symbolic link to {tmp_path / 'gone'}, which does not exist")
+
+
 def _writable_despite_mode(folder):
     """Whether this process can create files in `folder` although its mode says read-only (root)."""
     probe = folder / "probe"
