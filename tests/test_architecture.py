@@ -109,3 +109,16 @@ def test_a_new_runner_class_is_one_registry_entry_and_its_run_function(tmp_path,
     CALLS.clear()
     run(RunContext(load_config(make_workspace(tmp_path, config)), show_progress=False))
     assert CALLS == [("hi", "hej")]
+
+
+def test_one_train_loop_and_one_evaluation_loop():
+    """Only paddlerec/loops.py steps a model: every runner class trains and evaluates through it."""
+    callers = {}
+    for module in package_modules():
+        with open(os.path.join(PACKAGE, module + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("train_step", "eval_step", "begin_epoch"):
+                callers.setdefault(node.func.attr, set()).add(module)
+    assert callers == {"train_step": {"loops"}, "eval_step": {"loops"}, "begin_epoch": {"loops"}}
