@@ -15,6 +15,7 @@ import yaml
 
 from .errors import ConfigError
 from .params import Param, check_value, unknown_key_error, validate_section
+from .registry import RUNNER_CLASSES
 
 TOP_LEVEL_KEYS = ("workspace", "dataset", "hyper_parameters", "mode", "runner", "phase")
 LIST_SECTIONS = ("dataset", "runner", "phase")
@@ -36,94 +37,6 @@ PHASE_PARAMS = (
     Param("dataset_name", "str", help="the `dataset` entry this phase reads"),
     Param("thread_num", "int", 1, min=1, help="CPU threads for computation (the largest over the run's phases is used)"),
 )
-
-RUNNER_COMMON = (
-    Param("name", "str", help="name that `mode` refers to"),
-    Param("class", "str", help="what the runner does"),
-    Param("device", "str", "cpu", choices=("cpu", "gpu"), help="where to compute; gpu needs the CUDA build of paddlepaddle"),
-    Param("phases", "names", help="phase(s) this runner runs"),
-)
-
-TRAIN_PARAMS = RUNNER_COMMON + (
-    Param("epochs", "int", 1, min=1, help="epochs to train (continuing the numbering of `init_model_path`)"),
-    Param("save_checkpoint_interval", "int", 1, min=0,
-          help="save a checkpoint every N epochs and after the last one; 0: only after the last"),
-    Param("save_checkpoint_path", "path", help="checkpoints go to `<this>/<epoch>/`"),
-    Param("save_inference_interval", "int", 0, min=0,
-          help="export an inference model every N epochs and after the last one; 0: never"),
-    Param("save_inference_path", "path", "", help="inference models go to `<this>/<epoch>/`"),
-    Param("print_interval", "int", 100, min=1, help="log loss and events/s every N mini-batches"),
-    Param("init_model_path", "path", "",
-          help="continue from this checkpoint (or the newest one in this folder): incremental training"),
-    Param("eval_phase", "str", "", help="phase evaluated after every epoch (metrics go to the curves); empty: none"),
-    Param("topk", "int", 20, min=1, help="items the exported inference model returns"),
-)
-
-INFER_PARAMS = RUNNER_COMMON + (
-    Param("init_model_path", "path", help="a checkpoint, or a folder of them (each is evaluated, in epoch order)"),
-    Param("predictions_path", "path", "", help="write every session's top-K to `<this>/<epoch>.txt`; empty: don't"),
-    Param("topk", "int", 20, min=1, help="length of each session's recommendation list"),
-    Param("cutoffs", "list[int]", [1, 5, 10, 20], min=1, help="K of Recall@K and MRR@K"),
-    Param("tie_mode", "str", "standard", choices=("standard", "conservative", "median"),
-          help="rank of a target tied with others: standard = 1 + #higher; conservative = #higher-or-equal; median"),
-    Param("show_predictions", "int", 5, min=0, help="sessions whose top-K are printed"),
-)
-
-# A serve runner reads an exported inference model, no phase: it has no `phases` key.
-SERVE_PARAMS = (
-    Param("name", "str", help="name that `mode` refers to (and `python -m paddlerec.serve --runner`)"),
-    Param("class", "str", help="what the runner does"),
-    Param("device", "str", "cpu", choices=("cpu", "gpu"), help="where to compute; gpu needs the CUDA build of paddlepaddle"),
-    Param("init_model_path", "path",
-          help="an inference model folder (save_inference_path/<epoch>), or its parent (the newest epoch is served)"),
-    Param("port", "int", 8866, min=0, max=65535,
-          help="HTTP port on 127.0.0.1; 0: any free port (printed at start); `--port` overrides it"),
-    Param("topk", "int", 20, min=1, help="items returned per click (at most the exported model's topk)"),
-    Param("max_sessions", "int", 100000, min=1, help="live sessions kept; the least recently clicked one is evicted"),
-    Param("max_state_mb", "float", 256.0, gt=0.0,
-          help="memory for the kept hidden states (sum(layers) floats each); caps max_sessions"),
-    Param("max_batch", "int", 1024, min=1, help="clicks one /batch request may hold"),
-    Param("threads", "int", 1, min=1, help="CPU threads of the predictor"),
-)
-
-# Distributed training (paddlerec/distributed.py): the train keys plus how to run the workers.
-DISTRIBUTED_PARAMS = (
-    Param("distribute_strategy", "str", "collective", choices=("collective", "async", "sync", "half_async", "geo"),
-          help="collective: the workers all-reduce their gradients every mini-batch (gloo on CPU, NCCL on GPU); "
-               "async, sync, half_async, geo: Paddle's parameter-server modes (checked, not available for this model)"),
-    Param("server_num", "int", 0, min=0, help="parameter servers (parameter-server strategies only; 0 for collective)"),
-    Param("log_dir", "path", "output/log",
-          help="worker logs (workerlog.N), their status files and the launcher's log; must not be shared between machines"),
-    Param("start_timeout", "int", 300, min=1,
-          help="seconds the workers (of every machine) have to start and meet before the job is stopped"),
-)
-
-LOCAL_CLUSTER_TRAIN_PARAMS = TRAIN_PARAMS + (
-    Param("worker_num", "int", 2, min=1,
-          help="worker processes on this machine; each trains its share of the sessions with batch_size rows"),
-) + DISTRIBUTED_PARAMS
-
-CLUSTER_TRAIN_PARAMS = TRAIN_PARAMS + (
-    Param("master", "str", "",
-          help="HOST:PORT where the machines meet (node 0's address, a free port), the same on every machine; "
-               "empty: PADDLE_MASTER"),
-    Param("nnodes", "int", 0, min=0, help="machines in the job; 0: PADDLE_NNODES"),
-    Param("node_rank", "int", -1, min=-1,
-          help="this machine's number, 0..nnodes-1 (worker 0, which saves, runs on node 0); -1: PADDLE_RANK, "
-               "else in order of arrival"),
-    Param("nproc_per_node", "int", 0, min=0, help="worker processes on each machine; 0: PADDLE_NPROC_PER_NODE, else 1"),
-    Param("host", "str", "",
-          help="this machine's address as the others reach it; empty: POD_IP, else what its hostname resolves to"),
-) + DISTRIBUTED_PARAMS
-
-# runner class -> the keys it takes. Every runner class of paddlerec.runners is declared here.
-RUNNER_CLASSES: Dict[str, Sequence[Param]] = {
-    "train": TRAIN_PARAMS,
-    "infer": INFER_PARAMS,
-    "local_cluster_train": LOCAL_CLUSTER_TRAIN_PARAMS,
-    "cluster_train": CLUSTER_TRAIN_PARAMS,
-    "serve": SERVE_PARAMS,
-}
 
 # retired PaddleRec 1.x keys -> what to do instead
 LEGACY_HINTS = {
@@ -150,9 +63,6 @@ class Config:
     runners: Dict[str, dict]
     phases: Dict[str, dict]
     overrides: List[str] = field(default_factory=list)
-
-    def phase(self, name):
-        return self.phases[name]
 
     def dataset_of(self, phase_name):
         return self.datasets[self.phases[phase_name]["dataset_name"]]
@@ -311,9 +221,9 @@ def load_config(path: str, overrides: Sequence[str] = (), check_files: bool = Tr
         cls = entry.get("class")
         if cls is None:
             raise ConfigError(f"{prefix}.class", f"missing; one of: {', '.join(RUNNER_CLASSES)}")
-        if cls not in RUNNER_CLASSES:
+        if not isinstance(cls, str) or cls not in RUNNER_CLASSES:
             raise ConfigError(f"{prefix}.class", f"{cls!r} is not one of: {', '.join(RUNNER_CLASSES)}")
-        params = RUNNER_CLASSES[cls]
+        params = RUNNER_CLASSES[cls].params
         values = validate_section(entry, params, prefix)
         runners[entry["name"]] = _resolve_paths(values, params, workspace)
 
@@ -347,14 +257,15 @@ def _check_references(config: Config, check_files: bool = True) -> None:
             raise ConfigError(f"{prefix}.save_inference_path",
                               f"missing; save_inference_interval is {runner['save_inference_interval']}, so name a "
                               f"folder for the inference models (or set save_inference_interval: 0)")
-        if "phases" not in runner:  # a serve runner: checked when it starts (the model may not exist yet)
+        runner_class = RUNNER_CLASSES[runner["class"]]
+        if not runner_class.has_phases:  # e.g. a serve runner: checked when it starts (the model may not exist yet)
             continue
         for phase in runner["phases"]:
             if phase not in config.phases:
                 raise ConfigError(f"{prefix}.phases", f"no phase named {phase!r}; phases: {', '.join(config.phases)}")
         if not runner["phases"]:
             raise ConfigError(f"{prefix}.phases", f"empty; name a phase from: {', '.join(config.phases)}")
-        if runner["class"] != "infer" and len(runner["phases"]) != 1:
+        if runner_class.trains and len(runner["phases"]) != 1:
             raise ConfigError(f"{prefix}.phases", f"a {runner['class']} runner trains exactly one phase, got {runner['phases']}")
         eval_phase = runner.get("eval_phase")
         if eval_phase and eval_phase not in config.phases:

@@ -53,3 +53,53 @@ class TrainingError(UserError):
 
     exit_code = 1
     prefix = "training error"
+
+
+class SaveError(UserError):
+    """A checkpoint, export, prediction or curve file could not be written (e.g. a full disk)."""
+
+    exit_code = 1
+    prefix = "save error"
+
+
+class PluginError(UserError):
+    """The model file or reader file named in the config is broken (says which and where)."""
+
+    exit_code = 2
+    prefix = "error"
+
+
+class DistributedError(UserError):
+    """The distributed job failed or could not start; names the worker and its log."""
+
+    exit_code = 1
+    prefix = "distributed error"
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class PeerLost(UserError):
+    """A collective or the job's store failed: another worker most likely stopped first."""
+
+    exit_code = 1
+    prefix = "distributed error"
+
+
+class Terminated(UserError):
+    """SIGTERM or SIGHUP reached the process; it stopped cleanly."""
+
+    exit_code = 143
+    prefix = "error"
+
+
+def line_prefixes():
+    """Every prefix an entry point prints before a UserError's message ("config error", ...),
+    longest first: the classes of this module and those other modules derive from them."""
+    found, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.prefix)
+        todo.extend(cls.__subclasses__())
+    return tuple(sorted(found, key=lambda p: (-len(p), p)))
