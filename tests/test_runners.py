@@ -116,7 +116,7 @@ def test_incremental_training_restores_weights_and_optimizer_exactly(tmp_path, c
     _assert_same(restored_net, saved_net)
     _assert_same(restored_opt, saved_opt)
     # training on: the items known before stay known, the new data's items join them
-    restored.begin_epoch(3, True, 4)
+    restored.begin_epoch(3, True)
     known = restored.network.item_support.numpy()
     assert np.array_equal(known, np.maximum(saved_net["item_support"], data.item_support))
     # and the restore did something: a fresh model differs in weights and optimizer state
