@@ -34,7 +34,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, PluginError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def describe_io(n_items, hidden_size, topk):
                      "next_hidden of its previous click"),
         dict(name="exclude_ids", dtype="int64", shape=[-1, -1],
              meaning=f"model ids never to return, per row (e.g. the session's clicks so far); pad with "
-                     f"{n_items} (n_items); the width may be 0"),
+                     f"{n_items} (n_items); at least one column (all padding: exclude nothing)"),
     ]
     outputs = [
         dict(name="topk_ids", dtype="int64", shape=[-1, topk],
@@ -88,8 +88,7 @@ def write_export(root, epoch, model, topk, labels, training=None, data=None):
     recorded as io.json's "training". data: the training data's contract.DataInfo; its
     fingerprint (events per item, vocab) is recorded as io.json's "data".
     """
-    # checkpoint holds the atomic folder writer until the file-utilities module exists
-    from .checkpoint import atomic_folder
+    from .files import atomic_folder, save_error
 
     def fill(tmp):
         prefix = os.path.join(tmp, "model")
@@ -115,46 +114,32 @@ def write_export(root, epoch, model, topk, labels, training=None, data=None):
             paddle_version=paddle.__version__, written_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
             files={name: file_digest(os.path.join(tmp, name)) for name in files})
         write_json(os.path.join(tmp, IO), description)
-    return atomic_folder(root, str(epoch), fill)
+    try:
+        return atomic_folder(root, str(epoch), fill)
+    except OSError as exc:
+        raise save_error(os.path.join(root, str(epoch)), exc, ". Earlier inference models are untouched.") from None
 
 
 def _save_program(model, path_prefix, topk):
-    """model.export with the exclude_ids input; returns its description (n_items, hidden_size, topk, ...)."""
-    module = sys.modules.get(type(model).__module__)
-    if "exclude_ids" in getattr(module, "INFERENCE_INPUTS", ()):
-        return model.export(path_prefix, topk)
-    return _export_with_exclusion(model, module, path_prefix, topk)
+    """paddle.jit.save the model file's InferenceStep with the INPUTS interface; returns what
+    io.json needs to know of the network (n_items, hidden_size, topk, layers, unseen_items).
 
-
-def _export_with_exclusion(model, module, path_prefix, topk):
-    """The model file's InferenceStep plus the exclude_ids input, until model.py has it itself.
-
-    Same step, same top-K; excluded items' scores become -inf before the top-K. Delete this once
-    the model file's INFERENCE_INPUTS lists exclude_ids.
-    """
+    The model file provides InferenceStep(network, topk) taking (item_ids, hidden, exclude_ids)
+    and lists those names as INFERENCE_INPUTS; model.network has n_items, layers (GRU sizes)
+    and item_support (training events per item, int64 [n_items])."""
     import paddle
 
-    class ExcludingStep(module.InferenceStep):
-        def forward(self, item_ids, hidden, exclude_ids):
-            sizes = self.network.layers
-            hidden_list = paddle.split(hidden, sizes, axis=1) if len(sizes) > 1 else [hidden]
-            x, new_hidden = self.network.step(item_ids, hidden_list)
-            scores = self.network.all_scores(x) + self.network.score_mask()  # [n, n_items]
-            # a spare last column takes the padding id n_items, so rows may exclude different counts
-            padded = paddle.concat([scores, paddle.zeros_like(scores[:, :1])], axis=1)  # [n, n_items + 1]
-            # the value is a tensor: a scalar would be expanded to exclude_ids' shape, unknown when saving
-            minus_inf = paddle.zeros_like(exclude_ids, dtype=scores.dtype) - float("inf")  # [n, m]
-            padded = paddle.put_along_axis(padded, exclude_ids, minus_inf, axis=1, broadcast=False)
-            topk_scores, topk_ids = paddle.topk(padded[:, :-1], self.topk, axis=1)
-            next_hidden = paddle.concat(new_hidden, axis=1) if len(sizes) > 1 else new_hidden[0]
-            return topk_ids, topk_scores, next_hidden
-
+    module = sys.modules.get(type(model).__module__)
+    declared = tuple(getattr(module, "INFERENCE_INPUTS", ()))
+    if declared != INPUTS or not hasattr(module, "InferenceStep"):
+        raise PluginError(f"{getattr(module, '__file__', type(model).__module__)}: the inference export needs an "
+                          f"InferenceStep taking {list(INPUTS)} (INFERENCE_INPUTS); it declares {list(declared)}")
     network = model.network
-    step = ExcludingStep(network, topk)
+    step = module.InferenceStep(network, topk)
     width = sum(network.layers)
-    specs = [paddle.static.InputSpec([None], "int64", "item_ids"),
-             paddle.static.InputSpec([None, width], "float32", "hidden"),
-             paddle.static.InputSpec([None, None], "int64", "exclude_ids")]
+    specs = [paddle.static.InputSpec([None], "int64", INPUTS[0]),
+             paddle.static.InputSpec([None, width], "float32", INPUTS[1]),
+             paddle.static.InputSpec([None, None], "int64", INPUTS[2])]
     paddle.jit.save(paddle.jit.to_static(step, input_spec=specs, full_graph=True), path_prefix, input_spec=specs)
     unseen = np.flatnonzero(network.item_support.numpy() == 0)
     return {"n_items": network.n_items, "hidden_size": width, "topk": step.topk, "layers": list(network.layers),

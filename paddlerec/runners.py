@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from . import checkpoint, curves
+from . import checkpoint, curves, export
 from .config import Config
 from .contract import DataInfo
 from .errors import CheckpointError, ConfigError, TrainingError, UserError
@@ -283,8 +283,10 @@ def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_
                 log.info("saved checkpoint %s", path)
             every = runner["save_inference_interval"]
             if every and (last or epoch % every == 0):  # config.py made sure save_inference_path is set
-                path = checkpoint.export_inference(runner["save_inference_path"], epoch, model, runner["topk"],
-                                                   data.labels)
+                training = dict(meta, phase=phase_name, dataset=config.phases[phase_name]["dataset_name"])
+                del training["data"]  # io.json's "data" is the fingerprint of the data itself
+                path = export.write_export(runner["save_inference_path"], epoch, model, runner["topk"],
+                                           data.labels, training=training, data=data)
                 log.info("saved inference model %s", path)
             try:
                 history.add(row)

@@ -550,7 +550,8 @@ def _assert_exports_match_checkpoints(ckpt, inference, epochs):
         config.disable_glog_info()
         predictor = paddle_inference.create_predictor(config)
         hidden = np.zeros((N_ITEMS, io["hidden_size"]), np.float32)
-        for name, value in zip(io["inputs"], (items, hidden)):
+        exclude = np.full((N_ITEMS, 1), N_ITEMS, np.int64)  # nothing excluded: padding only
+        for name, value in zip([spec["name"] for spec in io["inputs"]], (items, hidden, exclude)):
             predictor.get_input_handle(name).reshape(list(value.shape))
             predictor.get_input_handle(name).copy_from_cpu(value)
         predictor.run()

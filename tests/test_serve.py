@@ -72,33 +72,37 @@ def serve_config(trained, *extra):
 
 
 class Running:
-    """An in-process server on a free port, stopped on exit."""
+    """An in-process server (uvicorn in a thread) on a free port, stopped on exit."""
 
-    def __init__(self, service):
-        from paddlerec.serve import Server
+    def __init__(self, service, host="127.0.0.1"):
+        from paddlerec.serve import HttpServer
 
         self.service = service
-        self.server = Server(0, service)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.server = HttpServer(service, host, 0)
+        self.port = self.server.port
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
 
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        self.server.stop()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the server did not stop"
 
     def call(self, method, path, body=None, raw=None, headers=None):
-        """(status, decoded JSON answer) of one request on a new connection."""
+        """(status, decoded JSON answer, or the text when it is not JSON) of one request on a new connection."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
             connection.request(method, path, data, headers or {})
             response = connection.getresponse()
-            return response.status, json.loads(response.read() or b"null")
+            text = response.read()
+            try:
+                return response.status, json.loads(text or b"null")
+            except ValueError:
+                return response.status, text.decode("utf-8", "replace")
         finally:
             connection.close()
 
@@ -110,7 +114,9 @@ class Running:
 def service(trained):
     from paddlerec.serve import build_service
 
-    return build_service(serve_config(trained), "serve_runner")
+    service = build_service(serve_config(trained), "serve_runner")
+    yield service
+    service.close()
 
 
 @pytest.fixture
@@ -200,11 +206,21 @@ def test_batch_answers_equal_single_clicks(server, trained):
         np.testing.assert_allclose(batched["scores"], one["scores"], rtol=1e-6)
 
 
-def test_least_recently_clicked_session_is_evicted(service):
+def small_service(service, **runner):
+    """Another service on the same model, with other serve runner keys."""
     from paddlerec.serve import Recommender
 
-    small = Recommender(service.export, service.predictor, capacity=2, topk=TOPK, max_batch=8)
-    item = service.export.label(int(np.flatnonzero(service.export.known)[0]))
+    return Recommender(service.model, dict(service.runner, **runner), "runner.small")
+
+
+def known_item(service, n=0):
+    model = service.model
+    return model.labels_of(np.flatnonzero(model.info.known)[n])
+
+
+def test_least_recently_clicked_session_is_evicted(service):
+    small = small_service(service, max_sessions=2, max_batch=8)
+    item = known_item(service)
     with Running(small) as server:
         assert server.click("s1", item)[1]["clicks"] == 1
         assert server.click("s2", item)[1]["clicks"] == 1
@@ -219,6 +235,68 @@ def test_least_recently_clicked_session_is_evicted(service):
         status, answer = server.call("POST", "/batch", {"clicks": [{"session": s, "item": item} for s in "xyz"]})
         assert status == 413 and "at most 2" in answer["error"]
         assert server.call("GET", "/health")[1]["evicted"] == 3
+    small.close()
+
+
+def test_idle_sessions_expire_after_the_ttl():
+    """The TTL runs on the store's clock (given here): the least recently clicked go first."""
+    from paddlerec.serve import SessionStore
+
+    store = SessionStore(capacity=4, hidden_size=3, ttl_s=10.0)
+    rows = {s: store.slot(s, now) for s, now in (("old", 0.0), ("mid", 5.0), ("new", 9.0))}
+    store.states[rows["mid"]] = 1.0
+    store.expire(now=10.0)  # nobody idle longer than 10 s yet
+    assert len(store) == 3
+    store.slot("old", now=12.0)  # clicked again: now the most recent
+    store.expire(now=15.5)  # mid (idle 10.5 s) goes; new (6.5 s) and old (3.5 s) stay
+    assert list(store.slots) == ["new", "old"] and store.evicted == {"lru": 0, "idle": 1}
+    row = store.slot("mid", now=16.0)  # comes back with a zero state
+    assert not store.states[row].any() and store.clicks[row] == 0
+    store.expire(now=100.0)
+    assert len(store) == 0 and store.evicted["idle"] == 4
+    never = SessionStore(capacity=2, hidden_size=3, ttl_s=0.0)  # 0: no TTL
+    never.slot("a", now=0.0)
+    never.expire(now=1e9)
+    assert len(never) == 1
+
+
+def test_exclude_seen_drops_the_sessions_clicks_and_keeps_its_state(service, trained):
+    """exclude_seen (per request here) removes the session's clicks from the top-K, and nothing
+    else: the rest keep their order and scores, and the session's state is the same."""
+    clicks = trained["clicks"][5][:4]
+    with Running(service) as server:
+        for n, item in enumerate(clicks):
+            _, plain = server.click("plain", item, topk=TOPK)
+            _, excluded = server.click("excl", item, topk=TOPK, exclude_seen=True)
+            assert plain["clicks"] == excluded["clicks"] == n + 1
+            seen = set(clicks[:n + 1])
+            assert not seen & set(excluded["items"]), (n, excluded["items"])
+            rest = [(i, s) for i, s in zip(plain["items"], plain["scores"]) if i not in seen]
+            assert [i for i, _ in rest] == excluded["items"][:len(rest)]
+            np.testing.assert_allclose([s for _, s in rest], excluded["scores"][:len(rest)], rtol=1e-6)
+        # the same states: without exclusion both sessions answer alike
+        assert server.click("plain", clicks[0])[1]["items"] == server.click("excl", clicks[0])[1]["items"]
+        status, answer = server.click("excl", clicks[0], exclude_seen="yes")
+        assert status == 400 and "exclude_seen must be true or false" in answer["error"]
+
+
+def test_exclude_seen_is_a_config_default_a_request_overrides(service, trained):
+    clicks = trained["clicks"][6][:3]
+    excluding = small_service(service, exclude_seen=True)
+    with Running(excluding) as server:
+        for item in clicks:
+            _, answer = server.click("by-default", item)
+            _, overridden = server.click("overridden", item, exclude_seen=False)
+        assert not set(clicks) & set(answer["items"])
+        batch = server.call("POST", "/batch", {"clicks": [{"session": "b", "item": i} for i in clicks]})[1]
+        assert batch["results"][-1]["items"] == answer["items"]
+        assert server.call("GET", "/health")[1]["exclude_seen"] is True
+    excluding.close()
+    # the override gave the model's plain ranking: the same as a server without exclusion
+    with Running(service) as server:
+        for item in clicks:
+            _, plain = server.click("plain-6", item)
+    assert overridden["items"] == plain["items"]
 
 
 def test_memory_bound_caps_the_session_count():
@@ -266,7 +344,10 @@ BAD_REQUESTS = [
     ("POST", "/nowhere", {}, 404, "no endpoint /nowhere"),
     ("GET", "/click", None, 405, "/click takes POST"),
     ("POST", "/health", {}, 405, "/health takes GET"),
-    ("DELETE", "/click", None, 405, "not supported"),
+    ("DELETE", "/click", None, 405, "/click takes POST, not DELETE"),
+    ("PURGE", "/health", None, 405, "/health takes GET, not PURGE"),
+    ("BREW", "/click", None, 405, "/click takes POST, not BREW"),
+    ("POST", "/click", {"session": "bad", "item": "P1000", "exclude_seen": 1}, 400, "exclude_seen must be"),
 ]
 
 
@@ -300,57 +381,52 @@ def test_unknown_item_in_a_batch_refuses_the_whole_batch(server, trained):
     assert server.click("atomic-1", good)[1]["clicks"] == 1  # the batch changed no state
 
 
-def test_protocol_abuse_does_not_stop_the_server(server):
-    for raw in (b"NONSENSE\r\n\r\n", b"POST /click HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
-                b"POST /click HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{}",
-                b"POST /click HTTP/1.1\r\nContent-Length: 50\r\n\r\n{}"):  # body shorter than announced
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            sock.sendall(raw)
-            sock.shutdown(socket.SHUT_WR)
-            reply = sock.recv(4096)
-        assert re.match(rb"HTTP/1\.[01] 4\d\d", reply), reply[:100]
-    status, _ = server.call("POST", "/click", raw=b"{}", headers={"Transfer-Encoding": "chunked"})
-    assert status in (400, 411)
-    assert server.call("GET", "/health")[0] == 200
-
-
 def test_model_ids_are_served_when_the_export_has_no_vocab(tmp_path):
     """Without a vocab the ids are the model ids; ids never clicked in training are refused."""
-    from paddlerec import checkpoint
-    from paddlerec.serve import Recommender, Predictor, load_export
+    from paddlerec import export
+    from paddlerec.serve import Model, Recommender
 
     sessions = random_sessions(40, 30, seed=3)
     model = make_model(sessions, n_items=34)  # ids 30..33 never clicked
-    folder = checkpoint.export_inference(str(tmp_path), 1, model, 5, None)
-    export = load_export(folder)
-    assert export.labels is None and not export.known[30:].any()
-    with Running(Recommender(export, Predictor(export, 1, "cpu"), 10, 5, 8)) as server:
+    info = export.read_export(export.write_export(str(tmp_path), 1, model, 5, None))
+    assert info.labels is None and not info.known[30:].any()
+    service = Recommender(Model(info, 1, "cpu"), runner_keys(topk=5, max_sessions=10, max_batch=8), "runner.t")
+    with Running(service) as server:
         status, answer = server.click("m", 0)
         assert status == 200 and all(item.isdigit() and int(item) < 30 for item in answer["items"])
         assert server.click("m", "0")[1]["clicks"] == 2
         for bad in (31, "34", "-1", "3.0", "x"):
             status, answer = server.click("m", bad)
             assert status == 422, (bad, answer)
+    service.close()
 
 
-def test_outputs_named_fetch_name_n_are_mapped_through_io_json(tmp_path):
+def runner_keys(**values):
+    """A serve runner's keys: the declared defaults, then `values`."""
+    from paddlerec.registry import SERVE_PARAMS
+
+    keys = {p.name: p.default for p in SERVE_PARAMS if not p.required}
+    keys.update(init_model_path="", **values)
+    return keys
+
+
+def test_outputs_named_fetch_name_n_are_served_by_position(tmp_path, monkeypatch):
     """An export whose outputs kept Paddle's fetch_name_<i> serves the same answers as a renamed one."""
-    from paddlerec import checkpoint
-    from paddlerec.serve import Predictor, Recommender, load_export
+    from paddlerec import export
+    from paddlerec.serve import Model, Recommender
 
     model = make_model(random_sessions(40, 30, seed=4), layers=[8, 6])
-    renamed = load_export(checkpoint.export_inference(str(tmp_path / "renamed"), 1, model, 5, None))
-    plain = tmp_path / "plain"
-    os.makedirs(plain)
-    io_desc = model.export(str(plain / "model"), 5)  # paddle.jit.save only: no renaming
-    (plain / "io.json").write_text(json.dumps(dict(io_desc, epoch=1, vocab="")))
-    plain_export = load_export(str(plain))
+    renamed = export.read_export(export.write_export(str(tmp_path / "renamed"), 1, model, 5, None))
+    monkeypatch.setattr(export, "_name_outputs", lambda path, names: None)  # as Paddle writes it
+    plain = export.read_export(export.write_export(str(tmp_path / "plain"), 1, model, 5, None))
     answers = []
-    for export in (renamed, plain_export):
-        predictor = Predictor(export, 1, "cpu")
-        answers.append((sorted(predictor.predictor.get_output_names()),
-                        Recommender(export, predictor, 10, 5, 8).run([("s", "0"), ("s", "1")], 5)))
-    assert answers[0][0] == ["next_hidden", "topk_ids", "topk_scores"]
+    for info in (renamed, plain):
+        served = Model(info, 1, "cpu")
+        service = Recommender(served, runner_keys(topk=5, max_sessions=10), "runner.t")
+        answers.append((served.predictor.get_output_names(), service.batch(
+            {"clicks": [{"session": "s", "item": "0"}, {"session": "s", "item": "1"}]})))
+        service.close()
+    assert answers[0][0] == ["topk_ids", "topk_scores", "next_hidden"]
     assert answers[1][0] == ["fetch_name_0", "fetch_name_1", "fetch_name_2"]
     assert answers[0][1] == answers[1][1]
 
