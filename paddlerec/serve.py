@@ -808,9 +808,12 @@ class HttpServer:
 
         self.service = service
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        # proto given: asyncio turns Nagle's algorithm off only on sockets that say they are TCP, and
+        # with it on, an answer's body waits for the client's delayed ACK of its headers (~40 ms)
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.socket.bind((host, port))
             self.socket.listen(1024)
         except OSError:
