@@ -11,7 +11,7 @@
     model.onnx       only after `python -m paddlerec.export FOLDER --onnx` (optional extra)
 
 Written into a hidden temporary folder and renamed into place when complete (see
-checkpoint.atomic_folder); a folder without io.json is never picked up. A reader checks every
+files.atomic_folder); a folder without io.json is never picked up. A reader checks every
 file against io.json's sizes and digests, so a damaged or incomplete copy is refused with one
 line instead of serving garbage.
 
@@ -369,19 +369,20 @@ def write_onnx(export: ExportInfo, opset=ONNX_OPSET):
     if not model_bytes:  # the converter logs its error and returns nothing
         raise CheckpointError(f"{export.path(PROGRAM)}: paddle2onnx {paddle2onnx.__version__} could not convert "
                               f"the step (its log above says why)")
+    from .files import atomic_file
+
     target = export.path(ONNX)
-    tmp = os.path.join(export.folder, f".tmp-{ONNX}-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(target, mode="wb") as f:
         f.write(model_bytes)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, target)
     io = dict(export.io)
     io["files"] = dict(io["files"], **{ONNX: file_digest(target)})
     io["onnx"] = {"file": ONNX, "opset": opset, "converter": f"paddle2onnx {paddle2onnx.__version__}"}
-    tmp = os.path.join(export.folder, f".tmp-{IO}-{os.getpid()}")
-    write_json(tmp, io)
-    os.replace(tmp, os.path.join(export.folder, IO))
+    with atomic_file(os.path.join(export.folder, IO)) as f:
+        json.dump(io, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
     export.io = io
     return target
 

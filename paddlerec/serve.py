@@ -833,13 +833,16 @@ class HttpServer:
         return f"http://{host}:{self.port}"
 
     def serve(self):
+        self.service.ready = True
         try:
             self.server.run(sockets=[self.socket])
         finally:
             self.socket.close()
 
     def stop(self):
-        """Stop as SIGTERM does, from any thread: no new connections, requests in flight finish."""
+        """Drain and stop as SIGTERM does, from any thread: /ready answers 503, no new connections,
+        requests in flight finish."""
+        self.service.ready = False
         self.server.should_exit = True
 
 

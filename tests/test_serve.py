@@ -783,3 +783,23 @@ def test_a_damaged_export_stops_the_command_with_one_line(trained, tmp_path):
     lines = [line for line in done.stderr.splitlines() if "error" in line]
     assert lines == [f"checkpoint error: {named}: missing; the export is incomplete (copy the whole folder, or "
                      f"export the model again)"], done.stderr[-2000:]
+
+
+def test_stopping_drains_a_request_in_flight(service, trained):
+    """A click waiting for the predictor when the server is told to stop (as SIGTERM does) is
+    still answered; the server then ends."""
+    item = trained["clicks"][10][0]
+    answers = []
+    running = Running(service).__enter__()
+    before = service.health()["requests"]
+    with service.stepper.lock:  # a predictor call in progress
+        client = threading.Thread(target=lambda: answers.append(running.click("drained", item)))
+        client.start()
+        while service.counts["requests"] == before:  # the click arrived; it waits for the predictor
+            threading.Event().wait(0.005)
+        running.server.stop()
+        assert not service.ready
+    client.join(timeout=60)
+    running.thread.join(timeout=60)
+    assert not running.thread.is_alive()
+    assert answers and answers[0][0] == 200 and answers[0][1]["clicks"] == 1
