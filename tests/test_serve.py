@@ -654,10 +654,14 @@ def test_reload_during_load_fails_no_request_and_keeps_the_sessions(trained, tmp
     sessions = list(enumerate(trained["clicks"]))
     total = sum(len(c) for c in trained["clicks"])
     done, failures, finals = [], [], {}
+    halfway, go = threading.Barrier(9), threading.Event()
     with Running(service) as server:
         def replay(part):
             connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-            for q, clicks in part:
+            for n, (q, clicks) in enumerate(part):
+                if n == len(part) // 2:  # half the sessions done: the reload starts while the rest go on
+                    halfway.wait(timeout=120)
+                    go.wait(timeout=120)
                 for item in clicks:
                     connection.request("POST", "/click", json.dumps({"session": f"r-{q}", "item": item}))
                     response = connection.getresponse()
@@ -671,10 +675,10 @@ def test_reload_during_load_fails_no_request_and_keeps_the_sessions(trained, tmp
         threads = [threading.Thread(target=replay, args=(sessions[i::8],)) for i in range(8)]
         for thread in threads:
             thread.start()
-        while len(done) < total // 4 and any(t.is_alive() for t in threads):
-            threading.Event().wait(0.01)
+        halfway.wait(timeout=120)
         copy_export(exported, root, EPOCHS + 1)
         clicks_before = len(done)
+        go.set()
         status, reloaded = server.call("POST", "/reload")
         for thread in threads:
             thread.join()
@@ -682,7 +686,7 @@ def test_reload_during_load_fails_no_request_and_keeps_the_sessions(trained, tmp
     service.close()
     assert status == 200 and reloaded["reloaded"], reloaded
     assert reloaded["model"] == os.path.join(root, str(EPOCHS + 1)) and reloaded["sessions_kept"] > 0
-    assert clicks_before < total, "the replay ended before the reload"
+    assert 0 < clicks_before < total
     assert not failures, failures[:5]
     assert (health["model"], health["reloads"], health["clicks"]) == (reloaded["model"], 1, total)
     for q, answer in finals.items():
