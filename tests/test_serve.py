@@ -807,3 +807,16 @@ def test_stopping_drains_a_request_in_flight(service, trained):
     running.thread.join(timeout=60)
     assert not running.thread.is_alive()
     assert answers and answers[0][0] == 200 and answers[0][1]["clicks"] == 1
+
+
+def test_a_trained_export_records_its_training_and_data(trained):
+    """The export a train runner writes says how it was trained and on what data."""
+    with open(trained["root"] / "inference" / str(EPOCHS) / "io.json") as f:
+        io = json.load(f)
+    training = io["training"]
+    assert training["hyper_parameters"]["layers"] == [24, 16] and training["hyper_parameters"]["n_sample"] == 64
+    assert (training["runner"], training["phase"], training["config"]) == ("cpu_train_runner", "phase_train", CONFIG)
+    assert training["run_id"] and training["dataset"] == "dataset_train"
+    clicks = sum(len(c) for c in trained["clicks"])
+    assert (io["data"]["n_items"], io["data"]["events"]) == (trained["n_items"], clicks)
+    assert io["data"]["items_clicked"] == len(trained["seen"])
