@@ -79,7 +79,12 @@ class Model:
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(threads)
-        self.predictor = inference.create_predictor(config)
+        try:
+            self.predictor = inference.create_predictor(config)
+        except (RuntimeError, ValueError, OSError) as exc:  # e.g. a program of another Paddle version
+            raise CheckpointError(f"{info.path(exports.PROGRAM)}: paddle.inference cannot load it "
+                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); "
+                                  f"export the model again with this version") from None
         names = self.predictor.get_input_names()
         if names != list(exports.INPUTS):
             raise CheckpointError(f"{info.path(exports.PROGRAM)}: the step takes {names}, not {list(exports.INPUTS)}; "
@@ -92,8 +97,7 @@ class Model:
                 raise CheckpointError(f"{info.path(exports.PROGRAM)}: the step gives {outputs}, not "
                                       f"{list(exports.OUTPUTS)}; export the model again")
         self.outputs = [self.predictor.get_output_handle(name) for name in outputs]
-        index = {label: i for i, label in enumerate(info.labels)} if info.labels is not None else None
-        self._index = index
+        self._index = {label: i for i, label in enumerate(info.labels)} if info.labels is not None else None
         names = info.labels if info.labels is not None else [str(i) for i in range(info.n_items)]
         self._names = np.array(names, dtype=object)
         self.warm()
