@@ -178,8 +178,10 @@ class GRU4RecNet(paddle.nn.Layer):
 class InferenceStep(paddle.nn.Layer):
     """What `paddle.inference` serves: one click per row in, top-K and the next state out.
 
-    item_ids [n] int64, hidden [n, sum(layers)] float32 (zeros at a session's start) ->
-    topk_ids [n, k] int64, topk_scores [n, k] float32, next_hidden [n, sum(layers)].
+    item_ids [n] int64, hidden [n, sum(layers)] float32 (zeros at a session's start),
+    exclude_ids [n, m] int64 (model ids never to return for that row, e.g. the session's clicks;
+    padded with n_items; m may be 0) -> topk_ids [n, k] int64, topk_scores [n, k] float32,
+    next_hidden [n, sum(layers)]. Without exclude_ids (None when traced) the step has two inputs.
     """
 
     def __init__(self, network, topk):
@@ -187,17 +189,24 @@ class InferenceStep(paddle.nn.Layer):
         self.network = network
         self.topk = min(topk, network.n_items)
 
-    def forward(self, item_ids, hidden):
+    def forward(self, item_ids, hidden, exclude_ids=None):
         sizes = self.network.layers
         hidden_list = paddle.split(hidden, sizes, axis=1) if len(sizes) > 1 else [hidden]
         x, new_hidden = self.network.step(item_ids, hidden_list)
-        scores = self.network.all_scores(x) + self.network.score_mask()
+        scores = self.network.all_scores(x) + self.network.score_mask()  # [n, n_items]
+        if exclude_ids is not None:
+            # a spare last column takes the padding id n_items, so rows may exclude different counts
+            padded = paddle.concat([scores, paddle.zeros_like(scores[:, :1])], axis=1)  # [n, n_items + 1]
+            # the value is a tensor of exclude_ids' shape: a scalar would need that shape, unknown when saving
+            minus_inf = paddle.zeros_like(exclude_ids, dtype=scores.dtype) - float("inf")  # [n, m]
+            padded = paddle.put_along_axis(padded, exclude_ids, minus_inf, axis=1, broadcast=False)
+            scores = padded[:, :-1]
         topk_scores, topk_ids = paddle.topk(scores, self.topk, axis=1)
         next_hidden = paddle.concat(new_hidden, axis=1) if len(sizes) > 1 else new_hidden[0]
         return topk_ids, topk_scores, next_hidden
 
 
-INFERENCE_INPUTS = ("item_ids", "hidden")
+INFERENCE_INPUTS = ("item_ids", "hidden", "exclude_ids")
 INFERENCE_OUTPUTS = ("topk_ids", "topk_scores", "next_hidden")
 
 
@@ -518,17 +527,17 @@ class Model:
         step = InferenceStep(self.network, topk)
         width = sum(self.network.layers)
         specs = [paddle.static.InputSpec([None], "int64", INFERENCE_INPUTS[0]),
-                 paddle.static.InputSpec([None, width], "float32", INFERENCE_INPUTS[1])]
+                 paddle.static.InputSpec([None, width], "float32", INFERENCE_INPUTS[1]),
+                 paddle.static.InputSpec([None, None], "int64", INFERENCE_INPUTS[2])]
         static = paddle.jit.to_static(step, input_spec=specs, full_graph=True)
         paddle.jit.save(static, path_prefix, input_spec=specs)
-        # Paddle 3.3 names the outputs fetch_name_0..2 (a PIR value can only be named when it is
-        # persistable), so "outputs" records their order. "unseen_items": ids never clicked in
-        # training: their scores are masked and a server must not feed them (the offline
-        # evaluation drops such clicks too).
+        # "unseen_items": ids never clicked in training: their scores are masked and a server must
+        # not feed them (the offline evaluation drops such clicks too).
         unseen = np.flatnonzero(self.network.item_support.numpy() == 0)
         return {"inputs": list(INFERENCE_INPUTS), "outputs": list(INFERENCE_OUTPUTS), "topk": step.topk,
                 "hidden_size": width, "layers": list(self.network.layers), "n_items": self.network.n_items,
                 "unseen_items": [int(i) for i in unseen]}
+
 
 NAN_SCORES = TrainingError("the model produces NaN scores: it did not train properly (a too high learning rate "
                            "or momentum?); retrain it with lower hyper_parameters.optimizer.learning_rate")

@@ -32,7 +32,10 @@ Model file (`phase.model`) defines
         known_items() -> bool array          items it may rank and recommend (evaluation drops the rest)
         grad_reducer                         None, or a function distributed training sets to combine
                                              (dense_grads, sparse_grads) between backward and update
-        export(path_prefix: str, topk: int) -> dict   writes a paddle.inference model; returns its I/O description
+        export(path_prefix: str, topk: int) -> dict   paddle.jit.save of one click step taking (item_ids,
+                                             hidden, exclude_ids) and giving (topk_ids, topk_scores,
+                                             next_hidden) — paddlerec/export.py documents them; returns
+                                             inputs, outputs, n_items, hidden_size, topk, layers, unseen_items
 """
 
 from dataclasses import dataclass
