@@ -76,6 +76,13 @@ class StepBatch:
         return StepBatch(self.step_offsets[:n_steps + 1], self.inputs[:rows], self.targets[:rows],
                          self.carry[:rows], self.sessions[:rows])
 
+    def part(self, first, stop):
+        """Mini-batches first .. stop-1 as a batch of their own. Carry indices stay valid: they
+        point into the step before, whose hidden state the model carries from its previous call."""
+        lo, hi = int(self.step_offsets[first]), int(self.step_offsets[stop])
+        return StepBatch(self.step_offsets[first:stop + 1] - lo, self.inputs[lo:hi], self.targets[lo:hi],
+                         self.carry[lo:hi], self.sessions[lo:hi])
+
     def step(self, s):
         lo, hi = self.step_offsets[s], self.step_offsets[s + 1]
         return self.inputs[lo:hi], self.targets[lo:hi], self.carry[lo:hi], self.sessions[lo:hi]

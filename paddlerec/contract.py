@@ -14,8 +14,10 @@ Reader file (`dataset.data_converter`) defines
             data between distributed workers.
         n_queries: int                       number of sessions (queries)
     Every batch has `n_steps` (mini-batches it holds), `step_events` (int64 array: training
-    targets per mini-batch) and `head(n)` (a batch of its first n mini-batches; distributed
-    workers cut their epochs to a common length with it), which is all the runners use.
+    targets per mini-batch), `head(n)` (a batch of its first n mini-batches; distributed
+    workers cut their epochs to a common length with it) and `part(first, stop)` (a batch of
+    mini-batches first .. stop-1; geo workers cut at their exchange points with it; the model
+    carries the hidden state across the cut), which is all the runners use.
 
 Model file (`phase.model`) defines
     HYPER_PARAMETERS: tuple of paddlerec.params.Param — every key `hyper_parameters` takes.

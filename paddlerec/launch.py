@@ -22,9 +22,10 @@ Failure handling
   (PR_SET_PDEATHSIG), the launcher dies with the runner's process, and the runner kills any
   worker still alive after the launcher ended, so nothing is left running.
 
-Parameter-server strategies (async, sync, half_async, geo) are checked before anything starts:
-the PyPI wheels lack Paddle's parameter-server core, and where a build has it, it trains
-static-graph programs only, which this dygraph model is not.
+The strategies `sync` (alias `collective`) and `geo` run on the collective engine (how: the
+worker's docstring). The parameter-server strategies (async, half_async) are checked before
+anything starts: the PyPI wheels lack Paddle's parameter-server core, and where a build has it,
+it trains static-graph programs only, which this dygraph model is not.
 """
 
 import dataclasses
@@ -45,7 +46,7 @@ from .loops import StopMode
 
 log = logging.getLogger(__name__)
 
-PARAMETER_SERVER_STRATEGIES = ("async", "sync", "half_async", "geo")
+PARAMETER_SERVER_STRATEGIES = ("async", "half_async")
 STOP_GRACE_SECONDS = 40  # the launcher gives its workers 30 s after SIGTERM before it kills them
 POLL_SECONDS = 0.5
 
@@ -56,8 +57,9 @@ def parameter_server_problem(strategy):
     """Why a parameter-server strategy cannot train this model with the installed Paddle."""
     from paddle.base import core
 
-    use_collective = ("set `distribute_strategy: collective` and `server_num: 0`: the workers then all-reduce "
-                      "their gradients every mini-batch (gloo on CPU, NCCL on GPU)")
+    use_collective = ("set `distribute_strategy: sync` (gradients averaged every mini-batch) or `geo` (changes "
+                      "averaged every geo_steps mini-batches) with `server_num: 0`; both run on Paddle's collective "
+                      "engine (gloo on CPU, NCCL on GPU)")
     # DistFleetWrapper is what Paddle's own parameter-server runtime (the_one_ps) instantiates
     if not hasattr(core, "DistFleetWrapper"):
         return (f"{strategy} is a parameter-server mode, and this paddlepaddle build has no parameter-server core "
@@ -74,7 +76,7 @@ def _check_common(runner_name, runner):
         raise ConfigError(f"{key}.distribute_strategy", parameter_server_problem(strategy))
     if runner["server_num"]:
         raise ConfigError(f"{key}.server_num",
-                          f"collective training has no parameter servers, got {runner['server_num']}; set 0")
+                          f"sync and geo training have no parameter servers, got {runner['server_num']}; set 0")
     if "PADDLE_TRAINER_ID" in os.environ:
         # this process is itself a worker of some paddle.distributed.launch: launching again would nest jobs
         raise DistributedError(f"{key}: paddlerec.run is running inside a paddle.distributed.launch worker "

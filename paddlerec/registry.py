@@ -78,10 +78,14 @@ SERVE_PARAMS = (
 
 # Distributed training (paddlerec/launch.py, paddlerec/worker.py): the train keys plus how to run the workers.
 DISTRIBUTED_PARAMS = (
-    Param("distribute_strategy", "str", "collective", choices=("collective", "async", "sync", "half_async", "geo"),
-          help="collective: the workers all-reduce their gradients every mini-batch (gloo on CPU, NCCL on GPU); "
-               "async, sync, half_async, geo: Paddle's parameter-server modes (checked, not available for this model)"),
-    Param("server_num", "int", 0, min=0, help="parameter servers (parameter-server strategies only; 0 for collective)"),
+    Param("distribute_strategy", "str", "sync", choices=("sync", "geo", "collective", "async", "half_async"),
+          help="sync: the workers' gradients are averaged every mini-batch (one exchange per step); geo: each "
+               "worker trains geo_steps mini-batches alone, then the workers average their parameter and "
+               "optimizer changes (geo-SGD); collective: the old name of sync; async, half_async: Paddle's "
+               "parameter-server modes (checked, not available for this model)"),
+    Param("geo_steps", "int", 8, min=1,
+          help="geo: mini-batches each worker trains between two exchanges (and one at every epoch's end)"),
+    Param("server_num", "int", 0, min=0, help="parameter servers (parameter-server strategies only; must be 0)"),
     Param("log_dir", "path", "output/log",
           help="worker logs (workerlog.N), their status files and the launcher's log; must not be shared between machines"),
     Param("start_timeout", "int", 300, min=1,

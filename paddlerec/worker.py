@@ -4,15 +4,27 @@ paddle.distributed.launch for the launcher (paddlerec/launch.py).
 How the workers train together
   * Sessions are dealt out rank::world (the reader's `shard`); each worker plays its own
     session-parallel slots, so the union mini-batch of a step has world x batch_size rows.
-  * Gradients are combined every mini-batch through Paddle's collectives (gloo on CPU, NCCL on
-    GPU) in `Model.grad_reducer` — the one place that decides how the workers' gradients become
-    one update is `CollectiveReducer` below ("combining gradients"): dense gradients are
-    all-reduced and divided by the number of workers; the touched item rows and their gradients
-    are all-gathered (padded to the longest) and divided likewise. Every loss is normalised by
-    its worker's batch_size, so the mean makes the update the one a single process would make
-    on the union mini-batch with its loss normalised by the union's size. Every worker applies
-    the same combined update and so keeps identical parameters; this is checked after every
-    epoch (a digest of all state).
+  * `distribute_strategy: sync` (alias `collective`): gradients are combined every mini-batch
+    through Paddle's collectives (gloo on CPU, NCCL on GPU) in `Model.grad_reducer` — the one
+    place that decides how the workers' gradients become one update is `SyncReducer` below
+    ("combining gradients"): ONE all-gather per mini-batch of every worker's flat buffer
+    [row counts | dense gradients | touched row ids | row gradients]; every worker averages the
+    dense gradients and concatenates the rows (each already divided by the number of workers).
+    Every loss is normalised by its worker's batch_size, so the mean makes the update the one a
+    single process would make on the union mini-batch with its loss normalised by the union's
+    size. Every worker applies the same combined update and so keeps identical parameters.
+    (The model decides its step; the fused kernel cannot yet combine gradients between its
+    backward pass and its update, so sync workers use the reference step.)
+  * `distribute_strategy: geo` with `geo_steps: K` (geo-SGD, `GeoAverager` below): the model's
+    grad_reducer stays None, so each worker trains with the model's fastest step (the fused
+    kernel) K mini-batches on its own; then one all-gather averages the changes since the last
+    exchange of the parameters and optimizer slots: dense tensors over all workers, item rows
+    over the workers that touched them. Exchanges happen every K mini-batches and at the end of
+    every epoch, so every worker holds the same state after each epoch.
+  * Negative samples: every worker draws the same shared negatives (the model's sampler is
+    seeded from `seed` alone, as one process's mini-batch shares them), and the workers step in
+    lockstep, so the sampler's position is the same everywhere and is never exchanged.
+  * All state is checked to be identical on every worker after every epoch (a digest).
   * Collectives need the same number of steps on every worker, but shards give slightly
     different numbers of mini-batches. Every worker trains the SMALLEST count over the workers
     of its mini-batches that hold at least 2 rows (`LockstepReader`); the rest of each shard's
@@ -26,6 +38,7 @@ How the workers train together
     launcher reads the outcome there, not in the exit codes.
 """
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -33,6 +46,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -119,38 +133,94 @@ class Collective:
             time.sleep(STORE_POLL_SECONDS)
 
 
-def _padded(tensor, length):
+# ---- one exchange per step: variable-length buffers in one all-gather -----------------------------
+
+def _bits(values, dtype):
+    """int64 values as the bits of `dtype` elements (8 bytes each), to ride in a float buffer."""
     import paddle
 
-    missing = length - tensor.shape[0]
-    return paddle.concat([tensor, paddle.zeros([missing], tensor.dtype)]) if missing > 0 else tensor
+    return paddle.view(paddle.to_tensor(np.ascontiguousarray(values, np.int64)), dtype)
+
+
+def _ints(tensor):
+    """The int64 values whose bits `tensor` (a float slice made by _bits) carries. On the host:
+    paddle.view of a slice that does not start at 0 reads the wrong elements (Paddle 3.3)."""
+    return np.ascontiguousarray(tensor.numpy()).view(np.int64)
+
+
+class FlatGather:
+    """All-gather of one 1-D float buffer per worker, whose lengths differ, in ONE collective.
+
+    Each worker sends  [its length, as int64 bits | its buffer | zeros]  of one agreed length
+    (`capacity`). A worker whose buffer does not fit sends its length alone; every worker then
+    sees the longest length, grows the capacity by the same rule, and the gather is repeated.
+    That happens at the first exchange of a job and rarely after it: a worker's exchanges keep
+    about one size (a session-parallel mini-batch only shrinks at the end of an epoch).
+    Returns the workers' buffers, in rank order, as views of the gathered tensors.
+    """
+
+    GROWTH = 1.125  # slack over the longest buffer seen, so slightly longer ones do not gather twice
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.capacity = 0  # payload elements after the header; the same on every worker
+        self.collectives = 0
+
+    def __call__(self, body):
+        import paddle
+
+        dtype = body.dtype
+        length = int(body.shape[0])
+        header = _bits([length], dtype)
+        width = int(header.shape[0])
+        while True:
+            fits = length <= self.capacity
+            parts = [header] + ([body] if fits and length else [])
+            missing = self.capacity - (length if fits else 0)
+            if missing:
+                parts.append(paddle.zeros([missing], dtype))
+            gathered = self.comm.all_gather(paddle.concat(parts) if len(parts) > 1 else header)
+            self.collectives += 1
+            lengths = [int(_ints(g[:width])[0]) for g in gathered]
+            longest = max(lengths)
+            if longest <= self.capacity:
+                return [g[width:width + n] for g, n in zip(gathered, lengths)]
+            self.capacity = int(longest * self.GROWTH) + 1
 
 
 # ---- combining gradients: how the workers' gradients become one update ------------------------
 
+SYNC_STRATEGIES = ("sync", "collective")  # collective: the name sync had before geo existed
+
+
 def gradient_combiner(runner, comm):
-    """The `Model.grad_reducer` of this job (the runner's settings decide it; one worker has
-    nothing to combine). A new way of combining is a class beside CollectiveReducer, chosen here."""
-    if comm.world == 1:
+    """The `Model.grad_reducer` of this job (the runner's settings decide it). One worker has
+    nothing to combine, and geo workers step alone between their exchanges (GeoAverager), so
+    both train with None: the model keeps its fastest step (the fused kernel). A new way of
+    combining gradients is a class beside SyncReducer, chosen here."""
+    if comm.world == 1 or runner["distribute_strategy"] not in SYNC_STRATEGIES:
         return None
-    return CollectiveReducer(comm)
+    return SyncReducer(comm)
 
 
-class CollectiveReducer:
-    """`Model.grad_reducer`: the mean over the workers of the dense and the row-sparse gradients.
+class SyncReducer:
+    """`Model.grad_reducer` of `distribute_strategy: sync`: the mean over the workers of the dense
+    and the row-sparse gradients, in one all-gather per mini-batch (FlatGather).
 
-    Two collectives per mini-batch, on Paddle tensors (so NCCL can keep them on the GPU):
-      1. all-reduce (sum) of  [every dense gradient, flattened | counts]  where counts is a
-         [world, k] block of zeros in which each worker writes its k row counts (one per
-         row-sparse parameter) in its own row: the sum hands every worker all the counts;
-      2. all-gather of  [row ids | row gradients * 1/world]  padded to the longest worker's
-         (a worker's rows are its inputs, targets and negatives; its batch shrinks at the end of
-         its shard). The int64 row ids travel as their bits, viewed as the gradient dtype.
-    Every worker unpacks the same buffers in rank order, so all apply the same update.
+    Each worker's buffer, on Paddle tensors (so NCCL can keep it on the GPU):
+        [row counts (one per row-sparse parameter, int64 bits) | every dense gradient, flattened |
+         row ids (int64 bits) | row gradients * 1/world]
+    (a worker's rows are its inputs, targets and negatives, repeats kept; its batch shrinks at the
+    end of its shard). Every worker unpacks the same buffers in rank order: the dense gradients
+    are summed in that order and divided by the number of workers, the rows are concatenated.
+    So all apply the same update. Every loss is normalised by its worker's batch_size, so the
+    mean is the update a single process would make on the union mini-batch with its loss
+    normalised by the union's size.
     """
 
     def __init__(self, comm):
         self.comm = comm
+        self.gather = FlatGather(comm)
         self.seconds = 0.0  # spent combining gradients (waiting for the slowest worker included)
 
     def __call__(self, dense, sparse):
@@ -164,74 +234,215 @@ class CollectiveReducer:
         import paddle
 
         world, rank = self.comm.world, self.comm.rank
-        scale = 1.0 / world
         dense_names, sparse_names = sorted(dense), sorted(sparse)  # the same order on every worker
         dtype = (dense[dense_names[0]] if dense_names else sparse[sparse_names[0]][1]).dtype
         shapes = [list(dense[n].shape) for n in dense_names]
         sizes = [int(np.prod(s)) for s in shapes]
-        counts = np.zeros((world, len(sparse_names)), np.float32)  # exact: counts stay far below 2**24
-        counts[rank] = [len(sparse[n][0]) for n in sparse_names]
-        header = self.comm.all_reduce_sum(paddle.concat(
-            [dense[n].reshape([-1]) for n in dense_names] + [paddle.to_tensor(counts.reshape(-1), dtype=dtype)]))
+        tails = [list(sparse[n][1].shape[1:]) for n in sparse_names]
+        widths = [int(np.prod(t)) for t in tails]
+        rows = [np.asarray(sparse[n][0], np.int64) for n in sparse_names]
+        counts = [len(r) for r in rows]
 
-        combined_dense = {}
+        parts = [_bits(counts, dtype)] if sparse_names else []
+        parts += [dense[n].reshape([-1]) for n in dense_names]
+        if sum(counts):
+            parts.append(_bits(np.concatenate(rows), dtype))
+            parts.append(paddle.concat([sparse[n][1].reshape([-1]) for n, c in zip(sparse_names, counts) if c])
+                         * (1.0 / world))
+        gathered = self.gather(paddle.concat(parts) if len(parts) > 1 else parts[0])
+
+        per_id = 8 // gathered[0].element_size()  # gradient-dtype elements that hold one int64
+        head = len(sparse_names) * per_id
         n_dense = sum(sizes)
+        total = gathered[0][head:head + n_dense]
+        for body in gathered[1:]:  # summed in rank order: the same sum on every worker
+            total = total + body[head:head + n_dense]
+        combined_dense = {}
         if dense_names:
-            for n, part, shape in zip(dense_names, paddle.split(header[:n_dense] * scale, sizes), shapes):
+            for n, part, shape in zip(dense_names, paddle.split(total * (1.0 / world), sizes), shapes):
                 combined_dense[n] = part.reshape(shape)
         if not sparse_names:
             return combined_dense, {}
-        all_counts = np.rint(header[n_dense:].numpy()).astype(np.int64).reshape(world, len(sparse_names))
-        tails = [list(sparse[n][1].shape[1:]) for n in sparse_names]
-        widths = np.array([int(np.prod(t)) for t in tails], np.int64)
-        per_row = 8 // header.element_size()  # gradient-dtype elements that hold one int64 row id
-        lengths = all_counts.sum(axis=1) * per_row + (all_counts * widths).sum(axis=1)
 
-        parts = []
-        rows = np.concatenate([np.asarray(sparse[n][0], np.int64) for n in sparse_names])
-        if len(rows):
-            parts = [paddle.view(paddle.to_tensor(rows), dtype),
-                     paddle.concat([sparse[n][1].reshape([-1]) for n in sparse_names]) * scale]
-        body = paddle.concat(parts) if parts else paddle.zeros([0], dtype)
-        gathered = self.comm.all_gather(_padded(body, max(1, int(lengths.max()))))  # never zero-size (SIGFPE)
-        if len(rows):
-            # the ids travel as bits through float ops that only copy; check that ours came back intact
-            back = paddle.view(gathered[rank][:len(rows) * per_row], "int64").numpy()
-            if not np.array_equal(back, rows):
+        all_counts = np.stack([_ints(body[:head]) for body in gathered])  # [world, k]
+        mine = int(all_counts[rank].sum())
+        if mine:
+            # the ids travel as bits through collectives that only copy; check that ours came back intact
+            at = head + n_dense
+            if not np.array_equal(_ints(gathered[rank][at:at + mine * per_id]), np.concatenate(rows)):
                 raise TrainingError("the gradient exchange altered the row ids it carried; this is a bug in "
                                     "paddlerec/worker.py or in the collective backend")
-        return combined_dense, unpack_rows(sparse_names, tails, widths, per_row, all_counts, gathered)
+        bodies = [body[head + n_dense:] for body in gathered]
+        return combined_dense, unpack_rows(sparse_names, tails, widths, per_id, all_counts, bodies, dtype)
 
 
-def unpack_rows(names, tails, widths, per_row, all_counts, gathered):
-    """{name: (row ids int64 [sum over workers m], row gradients [sum m, *tail])} from the gathered
-    bodies (worker r's: its row ids for every name, as bits, then its gradients for every name)."""
+def unpack_rows(names, tails, widths, per_id, all_counts, bodies, dtype):
+    """{name: (row ids int64 [sum over workers m], row gradients [sum m, *tail])} from the
+    workers' row sections (worker r's: its row ids for every name, as bits, then its gradients
+    for every name)."""
     import paddle
 
     rows = {n: [] for n in names}
     values = {n: [] for n in names}
-    for r, body in enumerate(gathered):
+    for r, body in enumerate(bodies):
         m = int(all_counts[r].sum())
         if m == 0:
             continue
-        ids = paddle.view(body[:m * per_row], "int64").numpy()
-        row_at, value_at = 0, m * per_row
+        ids = _ints(body[:m * per_id])
+        row_at, value_at = 0, m * per_id
         for j, n in enumerate(names):
             c = int(all_counts[r, j])
             if c:
                 rows[n].append(ids[row_at:row_at + c])
-                values[n].append(body[value_at:value_at + c * int(widths[j])])
+                values[n].append(body[value_at:value_at + c * widths[j]])
             row_at += c
-            value_at += c * int(widths[j])
+            value_at += c * widths[j]
     out = {}
     for j, n in enumerate(names):
         total = int(all_counts[:, j].sum())
         if not values[n]:
-            out[n] = (np.zeros(0, np.int64), paddle.zeros([0] + tails[j], gathered[0].dtype))
+            out[n] = (np.zeros(0, np.int64), paddle.zeros([0] + tails[j], dtype))
             continue
         merged = paddle.concat(values[n]) if len(values[n]) > 1 else values[n][0]
         out[n] = (np.concatenate(rows[n]), merged.reshape([total] + tails[j]))
     return out
+
+
+# ---- geo: each worker trains alone for geo_steps mini-batches, then the changes are averaged ------
+
+class GeoAverager:
+    """`distribute_strategy: geo` (geo-SGD): the workers train geo_steps mini-batches each on their
+    own (with the model's own step: the fused kernel), then one exchange averages what changed.
+
+    What is exchanged: every float32 tensor of the network's state and of the optimizer state
+    (parameters, and the Adagrad/momentum/Adam slots), as its change since the last exchange.
+      * item-indexed tensors (first dimension = the number of items): a worker sends the rows it
+        touched, i.e. whose change is non-zero in the parameter or in any of its slots (tensors
+        named `<parameter>` and `<parameter>.<slot>` are one table). A row becomes
+        base + (sum of the changes) / (workers that touched it); untouched rows stay as they are;
+      * every other tensor: base + (sum of the changes) / world.
+    Integer state is not exchanged: the items' click counts come from the same data on every
+    worker, and the negative sampler's position moves alike everywhere (every worker draws the
+    SAME negatives, from the model's seed, as one process's mini-batch shares them; workers step
+    in lockstep, so every worker draws the same number of rows). The per-epoch digest checks both.
+    After an exchange every worker holds the same state, bit for bit: it is computed from the
+    same gathered buffers, summed in rank order. Exchanges happen every geo_steps mini-batches
+    (batches are cut there with `part`) and at the end of every epoch.
+    """
+
+    def __init__(self, comm, n_items, every):
+        self.comm, self.n_items, self.every = comm, n_items, every
+        self.gather = FlatGather(comm)
+        self.model = None  # set by the worker when run_train builds it
+        self.base = None  # {key: float32 ndarray}: the state after the last exchange
+        self.seconds = 0.0  # spent exchanging (waiting for the slowest worker included)
+        self.exchanges = 0
+
+    def attach(self, model):
+        self.model = model
+
+    def _live(self):
+        """{key: tensor} of the exchanged state; key = (source, name)."""
+        model = self.model
+        out = {}
+        for source, state in (("network", model.network.state_dict()), ("optimizer", model.optimizer_state())):
+            for name, value in state.items():
+                if str(value.dtype).endswith("float32"):
+                    out[(source, name)] = value
+        return out
+
+    def _item_indexed(self, array):
+        return array.ndim >= 1 and array.shape[0] == self.n_items
+
+    def epoch(self, batches):
+        """The epoch's batches, cut at every geo_steps-th mini-batch; after each such mini-batch
+        has been trained (when the train loop asks for the next batch) the workers exchange."""
+        self.base = {key: np.array(value.numpy(), np.float32) for key, value in self._live().items()}
+        since = 0  # mini-batches trained since the last exchange
+        for batch in batches:
+            first = 0
+            while first < batch.n_steps:
+                stop = min(batch.n_steps, first + self.every - since)
+                yield batch if first == 0 and stop == batch.n_steps else batch.part(first, stop)
+                since += stop - first
+                first = stop
+                if since == self.every:
+                    self.exchange()
+                    since = 0
+        if since:
+            self.exchange()
+
+    def exchange(self):
+        started = time.perf_counter()
+        try:
+            self._exchange()
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.exchanges += 1
+
+    def _exchange(self):
+        import paddle
+
+        live = self._live()
+        keys = sorted(live)  # the same order on every worker
+        delta = {k: live[k].numpy() - self.base[k] for k in keys}
+        dense_keys = [k for k in keys if not self._item_indexed(delta[k])]
+        tables = {}  # parameter name -> its item-indexed keys (the parameter and its slots)
+        for k in keys:
+            if self._item_indexed(delta[k]):
+                tables.setdefault(k[1].split(".")[0], []).append(k)
+        table_names = sorted(tables)
+        touched = []
+        for t in table_names:
+            changed = np.zeros(self.n_items, bool)
+            for k in tables[t]:
+                changed |= (delta[k].reshape(self.n_items, -1) != 0).any(axis=1)
+            touched.append(np.flatnonzero(changed))
+
+        # [touched-row counts per table, int64 bits | dense changes | row ids, int64 bits | rows' changes]
+        parts = [np.array([len(ids) for ids in touched], np.int64).view(np.float32)]
+        parts += [delta[k].reshape(-1) for k in dense_keys]
+        parts += [ids.astype(np.int64).view(np.float32) for ids in touched]
+        for t, ids in zip(table_names, touched):
+            parts += [delta[k][ids].reshape(-1) for k in tables[t]]
+        gathered = [g.numpy() for g in self.gather(paddle.to_tensor(np.concatenate(parts)))]
+
+        world = self.comm.world
+        head = 2 * len(table_names)
+        counts = [body[:head].view(np.int64) for body in gathered]
+        new = {}
+        at = head
+        for k in dense_keys:
+            size = delta[k].size
+            total = gathered[0][at:at + size].copy()
+            for body in gathered[1:]:  # rank order: the same sum on every worker
+                total += body[at:at + size]
+            new[k] = self.base[k] + (total / np.float32(world)).reshape(delta[k].shape)
+            at += size
+        sums = {k: np.zeros_like(self.base[k]) for t in table_names for k in tables[t]}
+        n_touching = [np.zeros(self.n_items, np.float32) for _ in table_names]  # workers that touched each row
+        for r, body in enumerate(gathered):
+            id_at = at
+            value_at = at + 2 * int(counts[r].sum())
+            for j, t in enumerate(table_names):
+                c = int(counts[r][j])
+                ids = body[id_at:id_at + 2 * c].view(np.int64)
+                id_at += 2 * c
+                n_touching[j][ids] += 1
+                for k in tables[t]:
+                    width = int(np.prod(self.base[k].shape[1:], dtype=np.int64))
+                    sums[k][ids] += body[value_at:value_at + c * width].reshape((c,) + self.base[k].shape[1:])
+                    value_at += c * width
+        for j, t in enumerate(table_names):
+            rows = np.flatnonzero(n_touching[j])
+            for k in tables[t]:
+                value = self.base[k].copy()
+                shape = (-1,) + (1,) * (value.ndim - 1)
+                value[rows] = self.base[k][rows] + sums[k][rows] / n_touching[j][rows].reshape(shape)
+                new[k] = value
+        self.model.network.set_state_dict({name: new[(source, name)] for source, name in new if source == "network"})
+        self.model.load_optimizer_state({name: new[(source, name)] for source, name in new if source == "optimizer"})
+        self.base = new
 
 
 # ---- the epochs: lockstep, and the same parameters everywhere -------------------------------------
@@ -245,9 +456,10 @@ class LockstepReader:
     leave the workers out of step.)
     """
 
-    def __init__(self, reader, comm):
+    def __init__(self, reader, comm, geo=None):
         self._reader = reader
         self._comm = comm
+        self._geo = geo  # GeoAverager: cuts the epoch at its exchange points and exchanges there
         self.last_epoch = {"steps": 0, "events": 0, "dropped_steps": 0, "dropped_events": 0}
 
     def __getattr__(self, name):
@@ -269,7 +481,8 @@ class LockstepReader:
         trained = int(per_step[:agreed].sum())
         self.last_epoch = {"steps": agreed, "events": trained, "dropped_steps": steps - agreed,
                            "dropped_events": events - trained}
-        return self._cut(batch_size, known_items, shard, agreed)
+        cut = self._cut(batch_size, known_items, shard, agreed)
+        return cut if self._geo is None else self._geo.epoch(cut)
 
     def _cut(self, batch_size, known_items, shard, n_steps):
         left = n_steps
@@ -330,16 +543,17 @@ class _EpochSync:
     """`on_epoch` of run_train: meet after the chief's evaluation and saving, compare the
     parameters, and record the epoch's figures over all workers."""
 
-    def __init__(self, comm, reader, status, reducer):
-        self.comm, self.reader, self.status, self.reducer = comm, reader, status, reducer
+    def __init__(self, comm, reader, status, exchanger):
+        self.comm, self.reader, self.status = comm, reader, status
+        self.exchanger = exchanger  # SyncReducer, GeoAverager or None: its `seconds` are the exchange time
 
     def __call__(self, epoch, model, result):
         self.comm.barrier(f"epoch/{epoch}")
         digest = state_digest(model.network.state_dict(), model.optimizer_state())
         cut = self.reader.last_epoch
-        exchange = self.reducer.seconds if self.reducer is not None else 0.0
-        if self.reducer is not None:
-            self.reducer.seconds = 0.0
+        exchange = self.exchanger.seconds if self.exchanger is not None else 0.0
+        if self.exchanger is not None:
+            self.exchanger.seconds = 0.0
         rows = self.comm.all_gather_object({"events": result.events, "seconds": result.seconds, "digest": digest,
                                             "dropped_events": cut["dropped_events"], "exchange_seconds": exchange})
         digests = [r["digest"] for r in rows]
@@ -354,10 +568,37 @@ class _EpochSync:
                    "dropped_events": sum(r["dropped_events"] for r in rows), "loss": result.loss,
                    "exchange_seconds": max(r["exchange_seconds"] for r in rows)}
         if self.comm.rank == 0:
-            log.info("epoch %d over %d workers: %d events in %.2fs, %.0f events/s (%.2fs combining gradients); %d "
+            log.info("epoch %d over %d workers: %d events in %.2fs, %.0f events/s (%.2fs exchanging); %d "
                      "events of the shards' tails not trained (lockstep)", epoch, self.comm.world, events, seconds,
                      figures["events_per_s"], figures["exchange_seconds"], figures["dropped_events"])
         self.status.update(epochs=self.status.value["epochs"] + [figures], digest=digest)
+
+
+@dataclasses.dataclass
+class _WorkerContext(RunContext):
+    """The RunContext of a worker: tells `on_model` about the model run_train builds (geo keeps
+    it to read and write its state at the exchanges)."""
+
+    on_model: Optional[Callable] = None
+
+    def model_module(self, phase_name):
+        module = super().model_module(phase_name)
+        return module if self.on_model is None else _ModelHook(module, self.on_model)
+
+
+class _ModelHook:
+    """A model file's module whose `Model(...)` also hands the new model to a callback."""
+
+    def __init__(self, module, on_model):
+        self._module, self._on_model = module, on_model
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def Model(self, *args, **kwargs):  # noqa: N802 (the contract's name)
+        model = self._module.Model(*args, **kwargs)
+        self._on_model(model)
+        return model
 
 
 def _train(job, status):
@@ -380,7 +621,7 @@ def _train(job, status):
     log.info("worker %d of %d on %s (pid %d, %s thread(s))", rank, world, socket.gethostname(), os.getpid(),
              os.environ.get("OMP_NUM_THREADS"))
 
-    ctx = RunContext(config, show_progress=False)
+    ctx = _WorkerContext(config, show_progress=False)
     phase = runner["phases"][0]
     reader = ctx.reader(phase)
     comm.barrier("data")  # reading may take long on one machine: meet on the store before any collective
@@ -389,12 +630,18 @@ def _train(job, status):
         differing = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
         raise UserError(f"the training data of worker(s) {differing} differs from worker 0's "
                         f"({config.dataset_of(phase)['data_path']}); every machine needs the same files")
-    lockstep = LockstepReader(reader, comm)
-    ctx.readers[config.phases[phase]["dataset_name"]] = lockstep
     reducer = gradient_combiner(runner, comm)
+    geo = None
+    if runner["distribute_strategy"] == "geo" and world > 1:
+        geo = GeoAverager(comm, reader.info().n_items, runner["geo_steps"])
+        ctx.on_model = geo.attach
+    lockstep = LockstepReader(reader, comm, geo)
+    ctx.readers[config.phases[phase]["dataset_name"]] = lockstep
+    log.info("distribute_strategy %s%s", runner["distribute_strategy"],
+             f", geo_steps {runner['geo_steps']}" if runner["distribute_strategy"] == "geo" else "")
     # _EpochSync records each epoch's figures and parameter digest in the status file
     run_train(ctx, runner_name, shard=(rank, world), grad_reducer=reducer, is_chief=rank == 0,
-              on_epoch=_EpochSync(comm, lockstep, status, reducer))
+              on_epoch=_EpochSync(comm, lockstep, status, reducer or geo))
 
 
 def worker_main(argv=None):

@@ -349,7 +349,7 @@ class ThreadComm:
 def test_reducer_averages_dense_gradients_and_gathers_sparse_rows_of_unequal_lengths():
     import paddle
 
-    from paddlerec.worker import CollectiveReducer
+    from paddlerec.worker import SyncReducer
 
     rng = np.random.default_rng(7)
     inputs = []
@@ -363,7 +363,7 @@ def test_reducer_averages_dense_gradients_and_gathers_sparse_rows_of_unequal_len
     outputs = [None, None]
 
     def worker(rank):
-        outputs[rank] = CollectiveReducer(ThreadComm(shared, rank))(*inputs[rank])
+        outputs[rank] = SyncReducer(ThreadComm(shared, rank))(*inputs[rank])
 
     threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
     for t in threads:
