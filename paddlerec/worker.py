@@ -351,13 +351,17 @@ class GeoAverager:
                     out[(source, name)] = value
         return out
 
+    def snapshot(self):
+        """The state the next exchange measures changes from (the same on every worker)."""
+        self.base = {key: np.array(value.numpy(), np.float32) for key, value in self._live().items()}
+
     def _item_indexed(self, array):
         return array.ndim >= 1 and array.shape[0] == self.n_items
 
     def epoch(self, batches):
         """The epoch's batches, cut at every geo_steps-th mini-batch; after each such mini-batch
         has been trained (when the train loop asks for the next batch) the workers exchange."""
-        self.base = {key: np.array(value.numpy(), np.float32) for key, value in self._live().items()}
+        self.snapshot()
         since = 0  # mini-batches trained since the last exchange
         for batch in batches:
             first = 0
@@ -440,7 +444,9 @@ class GeoAverager:
                 shape = (-1,) + (1,) * (value.ndim - 1)
                 value[rows] = self.base[k][rows] + sums[k][rows] / n_touching[j][rows].reshape(shape)
                 new[k] = value
-        self.model.network.set_state_dict({name: new[(source, name)] for source, name in new if source == "network"})
+        for key, value in new.items():  # a Layer's state_dict holds its live tensors
+            if key[0] == "network":
+                live[key].set_value(value)
         self.model.load_optimizer_state({name: new[(source, name)] for source, name in new if source == "optimizer"})
         self.base = new
 

@@ -14,24 +14,24 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import PYTHON, REPO, hparams, random_sessions, run_cli, steps_of
+from tests.helpers import PYTHON, REPO, hparams, make_model, random_sessions, run_cli, steps_of
 
 MODEL = os.path.join(REPO, "model.py")
 READER = os.path.join(REPO, "rsc15_reader.py")
 
 
-def write_config(tmp_path, runners, mode, model=MODEL, batch_size=16, threads=2):
-    """A config on the sample data whose every output lands under tmp_path."""
+def write_config(tmp_path, runners, mode, model=MODEL, batch_size=16, threads=2, data=f"{REPO}/data"):
+    """A config on the sample data (or `data`/train and `data`/test) whose every output lands under tmp_path."""
     text = f"""
 workspace: "{REPO}"
 dataset:
 - name: train
   batch_size: {batch_size}
-  data_path: "{REPO}/data/train"
+  data_path: "{data}/train"
   data_converter: "{READER}"
 - name: test
   batch_size: 64
-  data_path: "{REPO}/data/test"
+  data_path: "{data}/test"
   data_converter: "{READER}"
 hyper_parameters:
   layers: [16]
@@ -187,7 +187,7 @@ def test_parameter_server_strategy_stops_before_anything_starts(tmp_path):
              and "OMP_NUM_THREADS" not in l and "PLEASE USE" not in l]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("config error: runner.dist.distribute_strategy:")
-    assert "parameter-server" in lines[0] and "distribute_strategy: collective" in lines[0]
+    assert "parameter-server" in lines[0] and "distribute_strategy: sync" in lines[0] and "geo" in lines[0]
     import paddle.base.core as core
 
     if not hasattr(core, "DistFleetWrapper"):  # this wheel: the message says what is missing
@@ -272,11 +272,12 @@ def test_a_killed_worker_stops_the_job_with_its_log_named_and_nothing_left_runni
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
-def test_cluster_train_on_two_hosts_at_localhost(tmp_path):
+def test_cluster_train_on_two_hosts_at_localhost_with_geo_on_the_fused_kernel(tmp_path):
     port = free_port()
     processes = []
     for node in (0, 1):
-        extra = (f"  master: \"127.0.0.1:{port}\"\n  nnodes: 2\n  node_rank: {node}\n  nproc_per_node: 1\n")
+        extra = (f"  master: \"127.0.0.1:{port}\"\n  nnodes: 2\n  node_rank: {node}\n  nproc_per_node: 1\n"
+                 f"  distribute_strategy: geo\n  geo_steps: 4\n")
         runners = distributed_runner(tmp_path, "cluster", "cluster_train", extra, log_dir=tmp_path / f"log{node}") + \
             infer_runner(tmp_path)
         folder = tmp_path / f"node{node}"
@@ -299,6 +300,8 @@ def test_cluster_train_on_two_hosts_at_localhost(tmp_path):
     node0, node1 = read_status(str(tmp_path / "log0"), 0), read_status(str(tmp_path / "log1"), 0)
     assert (node0["rank"], node1["rank"]) == (0, 1) and node0["world"] == node1["world"] == 2
     assert node0["digest"] == node1["digest"] == checkpoint_digest(str(tmp_path / "checkpoints" / "2"))
+    for node in (0, 1):  # geo workers train with the fused kernel
+        assert "training with Paddle operators" not in (tmp_path / f"log{node}" / "workerlog.0").read_text()
     # node 0 holds the checkpoints and runs the rest of mode; node 1 stops after training
     assert "infer test, epoch 2" in outputs[0]
     assert "ran on another machine" in outputs[1] and "infer test" not in outputs[1]
@@ -400,3 +403,217 @@ def test_lockstep_cut_keeps_a_prefix_of_whole_mini_batches():
         np.testing.assert_array_equal(getattr(head, name), getattr(batch, name)[:rows])
     np.testing.assert_array_equal(head.step_events, batch.step_events[:5])
     assert isinstance(head, rsc15_reader.StepBatch)
+
+
+def run_in_threads(work, world=2):
+    """work(rank) in `world` threads; their results in rank order (a thread's exception is re-raised)."""
+    results, errors = [None] * world, []
+
+    def target(rank):
+        try:
+            results[rank] = work(rank)
+        except BaseException as exc:  # noqa: B902 (handed to the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_sync_exchange_is_one_collective_per_step_once_the_capacity_is_agreed():
+    import paddle
+
+    from paddlerec.worker import SyncReducer
+
+    seed = 19
+    rng = np.random.default_rng(seed)
+    shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=30)}
+    reducers = [SyncReducer(ThreadComm(shared, r)) for r in range(2)]
+
+    def step(rank, m):
+        dense = {"w": paddle.to_tensor(rng.normal(size=(2, 3)).astype("float32"))}
+        sparse = {"emb": (rng.integers(0, 9, m), paddle.to_tensor(rng.normal(size=(m, 2)).astype("float32")))}
+        return reducers[rank](dense, sparse)
+
+    run_in_threads(lambda r: step(r, 6 + r))  # the first exchange agrees on a capacity: header, then buffers
+    first = [r.gather.collectives for r in reducers]
+    for m in (5, 3, 0):  # shorter buffers, a worker without rows: one all-gather each
+        out = run_in_threads(lambda r: step(r, m if r else 4))
+        for name in ("emb",):
+            np.testing.assert_array_equal(out[0][1][name][0], out[1][1][name][0])
+            np.testing.assert_array_equal(out[0][1][name][1].numpy(), out[1][1][name][1].numpy())
+    assert first == [2, 2], f"seed {seed}"
+    assert [r.gather.collectives for r in reducers] == [5, 5], f"seed {seed}"
+
+
+def test_geo_exchange_averages_changes_over_the_workers_that_touched_each_row():
+    from paddlerec.worker import GeoAverager
+
+    seed = 11
+    rng = np.random.default_rng(seed)
+    n_items = 20
+    sessions = random_sessions(30, n_items, seed=1)
+    models = [make_model(sessions, n_items=n_items, layers=[8], n_sample=4, kernel="reference",
+                         optimizer={"momentum": 0.5}) for _ in range(2)]
+    shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=30)}
+    averagers = [GeoAverager(ThreadComm(shared, r), n_items, every=4) for r in range(2)]
+    for averager, model in zip(averagers, models):
+        averager.attach(model)
+        averager.snapshot()
+    base = {**{k: v.numpy().copy() for k, v in models[0].network.state_dict().items()},
+            **{k: v.numpy().copy() for k, v in models[0].optimizer_state().items()}}
+    touched = [np.array([1, 2, 5]), np.array([2, 7])]
+    changes = [{}, {}]
+    for r, model in enumerate(models):  # what K local steps would have done: changed rows and dense tensors
+        for name in ("item_emb", "item_bias", "item_emb.acc", "item_emb.mom", "gru0_w_hh", "gru0_w_hh.acc"):
+            tensor = (model.optimizer.state if "." in name else model.network.state_dict())[name]
+            change = np.zeros(tensor.shape, np.float32)
+            if name.startswith("item_"):
+                change[touched[r]] = rng.normal(size=(len(touched[r]),) + tuple(tensor.shape[1:]))
+            else:
+                change[:] = rng.normal(size=tensor.shape)
+            changes[r][name] = change
+            tensor.set_value(tensor.numpy() + change)
+    run_in_threads(lambda r: averagers[r].exchange())
+
+    states = [{**{k: v.numpy() for k, v in m.network.state_dict().items()},
+               **{k: v.numpy() for k, v in m.optimizer_state().items()}} for m in models]
+    for name in sorted(states[0]):  # every worker ends with the very same state
+        np.testing.assert_array_equal(states[0][name], states[1][name], err_msg=f"{name}, seed {seed}")
+    for name, change in changes[0].items():
+        expected = base[name].copy()
+        if name.startswith("item_"):
+            expected[[1, 5]] += change[[1, 5]]  # touched by worker 0 alone
+            expected[7] += changes[1][name][7]  # by worker 1 alone
+            expected[2] += (change[2] + changes[1][name][2]) / 2  # by both
+        else:
+            expected += (change + changes[1][name]) / 2
+        np.testing.assert_allclose(states[0][name], expected, rtol=1e-5, atol=1e-6, err_msg=f"{name}, seed {seed}")
+    untouched = [i for i in range(n_items) if i not in (1, 2, 5, 7)]
+    np.testing.assert_array_equal(states[0]["item_emb"][untouched], base["item_emb"][untouched])
+
+
+def test_geo_cuts_the_epoch_every_k_steps_and_exchanges_there_and_at_its_end():
+    from paddlerec.worker import GeoAverager
+
+    class Recording(GeoAverager):
+        def snapshot(self):
+            self.trained = 0
+            self.exchanged_at = []
+
+        def exchange(self):
+            self.exchanged_at.append(self.trained)
+
+    batches = list(steps_of(random_sessions(50, 30, seed=4), batch_size=6, chunk=7))
+    total = sum(b.n_steps for b in batches)
+    assert total > 20
+    averager = Recording(comm=None, n_items=30, every=5)
+    for part in averager.epoch(iter(batches)):
+        averager.trained += part.n_steps  # the train loop's step
+        assert part.n_steps <= 5
+    assert averager.exchanged_at == list(range(5, total, 5)) + [total]
+    assert averager.trained == total
+
+
+def test_cutting_batches_at_step_boundaries_trains_the_same_with_the_fused_kernel():
+    from csrc import kernel as fused_ops
+
+    try:
+        fused_ops.load()
+    except fused_ops.KernelUnavailable as exc:
+        pytest.skip(f"the fused kernel could not be built here: {exc}")
+    sessions = random_sessions(60, 40, seed=5)
+
+    def train(cut):
+        model = make_model(sessions, layers=[8], n_sample=8, kernel="fused", optimizer={"momentum": 0.3})
+        model.begin_epoch(1, True)
+        losses = []
+        for batch in steps_of(sessions, batch_size=4, chunk=10):
+            parts = [batch.part(lo, min(batch.n_steps, lo + 3)) for lo in range(0, batch.n_steps, 3)] if cut \
+                else [batch]
+            for part in parts:
+                losses.append(model.train_step(part, 4))
+        state = {k: v.numpy() for k, v in model.network.state_dict().items()}
+        state.update({k: v.numpy() for k, v in model.optimizer_state().items()})
+        return np.concatenate(losses), state
+
+    whole_losses, whole = train(cut=False)
+    cut_losses, cut = train(cut=True)
+    np.testing.assert_array_equal(cut_losses, whole_losses)
+    for name in whole:
+        np.testing.assert_array_equal(cut[name], whole[name], err_msg=name)
+
+
+def write_chain_sessions(folder, seed, n_items=60, n_train=300, n_test=60):
+    """Learnable data: every session walks item ids upwards (s, s+1, s+2, ... mod n_items), so
+    the next click is predictable; a model that learned nothing ranks it at random
+    (Recall@20 about 20/60)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("test", n_test)):
+        os.makedirs(folder / split, exist_ok=True)
+        lines = []
+        for _ in range(count):
+            start, length = int(rng.integers(n_items)), int(rng.integers(3, 9))
+            lines.append(" ".join(str((start + i) % n_items) for i in range(length)))
+        (folder / split / "sessions.txt").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+INFER_LINE = r"infer test, epoch (\d+) .*Recall@20: ([0-9.]+).*MRR@20: ([0-9.]+)"
+
+
+def train_two_workers(tmp_path, strategy, data, epochs=3):
+    """A local_cluster_train run of 2 workers and the infer runner: (Recall@20, the workers' statuses, stderr)."""
+    import re
+
+    extra = f"  worker_num: 2\n  distribute_strategy: {strategy[0]}\n  geo_steps: {strategy[1]}\n"
+    runners = distributed_runner(tmp_path, "dist", "local_cluster_train", extra, epochs=epochs) + \
+        infer_runner(tmp_path)
+    config = write_config(tmp_path, runners, "[dist, infer]", batch_size=8, data=data)
+    result = run_cli(["-m", "paddlerec.run", "-m", config, "--no-progress"], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.findall(INFER_LINE, result.stderr)
+    assert found and int(found[-1][0]) == epochs, result.stderr[-2000:]
+    statuses = [read_status(str(tmp_path / "log"), i) for i in range(2)]
+    return float(found[-1][1]), statuses, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
+def test_geo_workers_train_with_the_fused_kernel_and_end_every_epoch_identical(tmp_path):
+    seed = 23
+    data = write_chain_sessions(tmp_path / "data", seed)
+    recall, statuses, _ = train_two_workers(tmp_path, ("geo", 3), data)
+    assert all(s["state"] == "done" for s in statuses)
+    assert statuses[0]["digest"] == statuses[1]["digest"] == checkpoint_digest(str(tmp_path / "checkpoints" / "3"))
+    epochs = statuses[0]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert all(np.isfinite(e["loss"]) and e["events"] > 0 for e in epochs)
+    assert epochs[-1]["loss"] < epochs[0]["loss"], f"seed {seed}: {[e['loss'] for e in epochs]}"
+    assert recall > 0.6, f"seed {seed}: Recall@20 {recall} (a model that learned nothing: about 0.33)"
+    worker_logs = [(tmp_path / "log" / f"workerlog.{i}").read_text() for i in (0, 1)]
+    assert all("geo_steps 3" in text for text in worker_logs)
+    assert not any("training with Paddle operators" in text for text in worker_logs)  # geo keeps the fused step
+    assert_no_leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
+def test_geo_every_step_and_sync_both_learn_but_are_different_algorithms(tmp_path):
+    seed = 29
+    data = write_chain_sessions(tmp_path / "data", seed)
+    runs = {}
+    for strategy in (("geo", 1), ("sync", 8)):
+        folder = tmp_path / strategy[0]
+        folder.mkdir()
+        runs[strategy[0]] = train_two_workers(folder, strategy, data, epochs=2)
+    for name, (recall, statuses, _) in runs.items():
+        assert statuses[0]["digest"] == statuses[1]["digest"], name
+        assert recall > 0.6, f"{name}, seed {seed}: Recall@20 {recall} (a model that learned nothing: about 0.33)"
+    # geo with K=1 averages the workers' updates (parameters and slots), sync their gradients
+    assert runs["geo"][1][0]["digest"] != runs["sync"][1][0]["digest"]
