@@ -187,6 +187,30 @@ class FlatGather:
                 return [g[width:width + n] for g, n in zip(gathered, lengths)]
             self.capacity = int(longest * self.GROWTH) + 1
 
+    def host(self, parts):
+        """The same for a buffer made of numpy float32 arrays (concatenated): one copy into the
+        padded buffer, one into the tensor; returns numpy arrays."""
+        import paddle
+
+        length = sum(int(p.size) for p in parts)
+        width = 2  # float32 elements of the int64 length
+        while True:
+            fits = length <= self.capacity
+            buffer = np.zeros(width + self.capacity, np.float32)
+            buffer[:width] = np.array([length], np.int64).view(np.float32)
+            if fits:
+                at = width
+                for p in parts:
+                    buffer[at:at + p.size] = p.reshape(-1)
+                    at += p.size
+            gathered = [g.numpy() for g in self.comm.all_gather(paddle.to_tensor(buffer))]
+            self.collectives += 1
+            lengths = [int(g[:width].view(np.int64)[0]) for g in gathered]
+            longest = max(lengths)
+            if longest <= self.capacity:
+                return [g[width:width + n] for g, n in zip(gathered, lengths)]
+            self.capacity = int(longest * self.GROWTH) + 1
+
 
 # ---- combining gradients: how the workers' gradients become one update ------------------------
 
@@ -310,6 +334,17 @@ def unpack_rows(names, tails, widths, per_id, all_counts, bodies, dtype):
 
 # ---- geo: each worker trains alone for geo_steps mini-batches, then the changes are averaged ------
 
+def _host_array(tensor):
+    """(array, shares): a numpy array of the tensor's values; shares says whether it IS the
+    tensor's memory (a CPU tensor, through DLPack: writing it writes the tensor) or a copy."""
+    if tensor.place.is_cpu_place():
+        try:
+            return np.from_dlpack(tensor.detach()), True
+        except (BufferError, TypeError, RuntimeError, ValueError):
+            pass
+    return tensor.numpy(), False
+
+
 class GeoAverager:
     """`distribute_strategy: geo` (geo-SGD): the workers train geo_steps mini-batches each on their
     own (with the model's own step: the fused kernel), then one exchange averages what changed.
@@ -317,7 +352,7 @@ class GeoAverager:
     What is exchanged: every float32 tensor of the network's state and of the optimizer state
     (parameters, and the Adagrad/momentum/Adam slots), as its change since the last exchange.
       * item-indexed tensors (first dimension = the number of items): a worker sends the rows it
-        touched, i.e. whose change is non-zero in the parameter or in any of its slots (tensors
+        touched, i.e. whose values changed in the parameter or in any of its slots (tensors
         named `<parameter>` and `<parameter>.<slot>` are one table). A row becomes
         base + (sum of the changes) / (workers that touched it); untouched rows stay as they are;
       * every other tensor: base + (sum of the changes) / world.
@@ -328,6 +363,10 @@ class GeoAverager:
     After an exchange every worker holds the same state, bit for bit: it is computed from the
     same gathered buffers, summed in rank order. Exchanges happen every geo_steps mini-batches
     (batches are cut there with `part`) and at the end of every epoch.
+
+    Cost: one comparison of every item table with its copy from the last exchange (to find the
+    touched rows; on the CPU the tensors are read and written in place through DLPack), then
+    work and traffic in proportion to the touched rows.
     """
 
     def __init__(self, comm, n_items, every):
@@ -389,66 +428,88 @@ class GeoAverager:
 
         live = self._live()
         keys = sorted(live)  # the same order on every worker
-        delta = {k: live[k].numpy() - self.base[k] for k in keys}
-        dense_keys = [k for k in keys if not self._item_indexed(delta[k])]
+        arrays = {k: _host_array(live[k]) for k in keys}  # key -> (values, shares the tensor's memory)
+        base = self.base
+        dense_keys = [k for k in keys if not self._item_indexed(base[k])]
         tables = {}  # parameter name -> its item-indexed keys (the parameter and its slots)
         for k in keys:
-            if self._item_indexed(delta[k]):
+            if self._item_indexed(base[k]):
                 tables.setdefault(k[1].split(".")[0], []).append(k)
         table_names = sorted(tables)
-        touched = []
+        touched = []  # per table: the rows this worker changed, ascending
         for t in table_names:
             changed = np.zeros(self.n_items, bool)
-            for k in tables[t]:
-                changed |= (delta[k].reshape(self.n_items, -1) != 0).any(axis=1)
+            for k in tables[t]:  # compared as bits (faster than floats, and -0.0 counts as a change)
+                differs = np.not_equal(arrays[k][0].view(np.int32), base[k].view(np.int32))
+                changed |= differs.reshape(self.n_items, -1).view(np.uint8).max(axis=1).astype(bool)
             touched.append(np.flatnonzero(changed))
 
         # [touched-row counts per table, int64 bits | dense changes | row ids, int64 bits | rows' changes]
         parts = [np.array([len(ids) for ids in touched], np.int64).view(np.float32)]
-        parts += [delta[k].reshape(-1) for k in dense_keys]
+        parts += [(arrays[k][0] - base[k]).reshape(-1) for k in dense_keys]
         parts += [ids.astype(np.int64).view(np.float32) for ids in touched]
         for t, ids in zip(table_names, touched):
-            parts += [delta[k][ids].reshape(-1) for k in tables[t]]
-        gathered = [g.numpy() for g in self.gather(paddle.to_tensor(np.concatenate(parts)))]
+            parts += [(np.take(arrays[k][0], ids, axis=0) - np.take(base[k], ids, axis=0)).reshape(-1)
+                      for k in tables[t]]
+        gathered = self.gather.host(parts)
 
         world = self.comm.world
         head = 2 * len(table_names)
         counts = [body[:head].view(np.int64) for body in gathered]
-        new = {}
+        new = {}  # key -> (rows or None for all, new values)
         at = head
         for k in dense_keys:
-            size = delta[k].size
+            size = base[k].size
             total = gathered[0][at:at + size].copy()
             for body in gathered[1:]:  # rank order: the same sum on every worker
                 total += body[at:at + size]
-            new[k] = self.base[k] + (total / np.float32(world)).reshape(delta[k].shape)
+            new[k] = (None, base[k] + (total / np.float32(world)).reshape(base[k].shape))
             at += size
-        sums = {k: np.zeros_like(self.base[k]) for t in table_names for k in tables[t]}
-        n_touching = [np.zeros(self.n_items, np.float32) for _ in table_names]  # workers that touched each row
+        # each worker's row ids and the offset of its rows' changes, per table
+        ids_of, values_at = [], []
         for r, body in enumerate(gathered):
-            id_at = at
-            value_at = at + 2 * int(counts[r].sum())
-            for j, t in enumerate(table_names):
+            id_at, ids_r = at, []
+            for j in range(len(table_names)):
                 c = int(counts[r][j])
-                ids = body[id_at:id_at + 2 * c].view(np.int64)
+                ids_r.append(np.ascontiguousarray(body[id_at:id_at + 2 * c]).view(np.int64))
                 id_at += 2 * c
-                n_touching[j][ids] += 1
-                for k in tables[t]:
-                    width = int(np.prod(self.base[k].shape[1:], dtype=np.int64))
-                    sums[k][ids] += body[value_at:value_at + c * width].reshape((c,) + self.base[k].shape[1:])
-                    value_at += c * width
+            ids_of.append(ids_r)
+            values_at.append(id_at)
         for j, t in enumerate(table_names):
-            rows = np.flatnonzero(n_touching[j])
+            rows = np.unique(np.concatenate([ids_of[r][j] for r in range(world)]))  # touched by any worker
+            n_touching = np.zeros(len(rows), np.float32)
+            sums = {k: np.zeros((len(rows),) + base[k].shape[1:], np.float32) for k in tables[t]}
+            for r, body in enumerate(gathered):
+                at_rows = np.searchsorted(rows, ids_of[r][j])  # a worker's ids are unique: plain += is right
+                n_touching[at_rows] += 1
+                for k in tables[t]:
+                    width = int(np.prod(base[k].shape[1:], dtype=np.int64))
+                    c = len(at_rows)
+                    sums[k][at_rows] += body[values_at[r]:values_at[r] + c * width].reshape(
+                        (c,) + base[k].shape[1:])
+                    values_at[r] += c * width
+            shape = (-1,) + (1,) * (base[tables[t][0]].ndim - 1)
             for k in tables[t]:
-                value = self.base[k].copy()
-                shape = (-1,) + (1,) * (value.ndim - 1)
-                value[rows] = self.base[k][rows] + sums[k][rows] / n_touching[j][rows].reshape(shape)
-                new[k] = value
-        for key, value in new.items():  # a Layer's state_dict holds its live tensors
-            if key[0] == "network":
-                live[key].set_value(value)
-        self.model.load_optimizer_state({name: new[(source, name)] for source, name in new if source == "optimizer"})
-        self.base = new
+                new[k] = (rows, np.take(base[k], rows, axis=0) + sums[k] / n_touching.reshape(shape))
+
+        optimizer_values = {}
+        for k, (rows, values) in new.items():
+            array, shares = arrays[k]
+            if rows is None:
+                base[k] = values
+            else:
+                base[k][rows] = values
+            if shares:  # written in place: the tensor's memory
+                if rows is None:
+                    array[...] = values
+                else:
+                    array[rows] = values
+            elif k[0] == "network":
+                live[k].set_value(base[k])  # a Layer's state_dict holds its live tensors
+            else:
+                optimizer_values[k[1]] = base[k]
+        if optimizer_values:
+            self.model.load_optimizer_state(optimizer_values)
 
 
 # ---- the epochs: lockstep, and the same parameters everywhere -------------------------------------

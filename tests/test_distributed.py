@@ -451,8 +451,13 @@ def test_sync_exchange_is_one_collective_per_step_once_the_capacity_is_agreed():
     assert [r.gather.collectives for r in reducers] == [5, 5], f"seed {seed}"
 
 
-def test_geo_exchange_averages_changes_over_the_workers_that_touched_each_row():
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "copies"])
+def test_geo_exchange_averages_changes_over_the_workers_that_touched_each_row(monkeypatch, in_place):
+    from paddlerec import worker
     from paddlerec.worker import GeoAverager
+
+    if not in_place:  # what a GPU tensor gets: copies out, set_value / load_optimizer_state back
+        monkeypatch.setattr(worker, "_host_array", lambda tensor: (tensor.numpy(), False))
 
     seed = 11
     rng = np.random.default_rng(seed)
