@@ -19,7 +19,7 @@ epochs after the first (the first pays one-off costs), or of its only epoch; for
 the events of both workers over the slower worker's train-loop time. Recall@20 / MRR@20: the
 last checkpoint on the test split, mean and range over the runs (the run-to-run spread).
 
-The data is converted into --workdir (default /tmp/paddlerec_bench_distributed), never into
+The data is converted into --workdir (default ~/.cache/paddlerec-bench-distributed), never into
 the repository (the YooChoose data is CC BY-NC-ND).
 """
 
@@ -41,7 +41,8 @@ METRICS = re.compile(r"infer \S+, epoch (\d+) .*Recall@20: ([0-9.]+).*MRR@20: ([
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python bench/distributed.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="folder of the GRU4Rec TSV splits (default: %(default)s)")
-    parser.add_argument("--workdir", default="/tmp/paddlerec_bench_distributed",
+    parser.add_argument("--workdir",
+                        default=os.path.join(os.path.expanduser("~"), ".cache", "paddlerec-bench-distributed"),
                         help="converted data, checkpoints and logs (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting, seeds 42, 43, ... (default: 3)")

@@ -403,7 +403,7 @@ class _Launch:
         chief = next((s for s in statuses.values() if s["rank"] == 0), None)
         if chief and chief["epochs"]:
             last = chief["epochs"][-1]
-            log.info("%s: %d workers, epoch %d: %d events in %.2fs (%.2fs combining gradients), %.0f events/s over "
+            log.info("%s: %d workers, epoch %d: %d events in %.2fs (%.2fs exchanging), %.0f events/s over "
                      "all workers (%d events of the shards' tails not trained); parameters identical on every worker "
                      "(digest %s)", self.runner_name, last["world"], last["epoch"], last["events"], last["seconds"],
                      last["exchange_seconds"], last["events_per_s"], last["dropped_events"], chief["digest"])

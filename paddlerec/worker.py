@@ -196,13 +196,14 @@ class FlatGather:
         width = 2  # float32 elements of the int64 length
         while True:
             fits = length <= self.capacity
-            buffer = np.zeros(width + self.capacity, np.float32)
+            buffer = np.empty(width + self.capacity, np.float32)
             buffer[:width] = np.array([length], np.int64).view(np.float32)
+            at = width
             if fits:
-                at = width
                 for p in parts:
                     buffer[at:at + p.size] = p.reshape(-1)
                     at += p.size
+            buffer[at:] = 0
             gathered = [g.numpy() for g in self.comm.all_gather(paddle.to_tensor(buffer))]
             self.collectives += 1
             lengths = [int(g[:width].view(np.int64)[0]) for g in gathered]
@@ -339,10 +340,15 @@ def _host_array(tensor):
     tensor's memory (a CPU tensor, through DLPack: writing it writes the tensor) or a copy."""
     if tensor.place.is_cpu_place():
         try:
-            return np.from_dlpack(tensor.detach()), True
+            return np.from_dlpack(tensor if tensor.stop_gradient else tensor.detach()), True
         except (BufferError, TypeError, RuntimeError, ValueError):
             pass
     return tensor.numpy(), False
+
+
+def _rows(array, ids):
+    """array[ids] for unique ascending ids: a view when they are every row."""
+    return array if len(ids) == len(array) else np.take(array, ids, axis=0)
 
 
 class GeoAverager:
@@ -449,8 +455,7 @@ class GeoAverager:
         parts += [(arrays[k][0] - base[k]).reshape(-1) for k in dense_keys]
         parts += [ids.astype(np.int64).view(np.float32) for ids in touched]
         for t, ids in zip(table_names, touched):
-            parts += [(np.take(arrays[k][0], ids, axis=0) - np.take(base[k], ids, axis=0)).reshape(-1)
-                      for k in tables[t]]
+            parts += [(_rows(arrays[k][0], ids) - _rows(base[k], ids)).reshape(-1) for k in tables[t]]
         gathered = self.gather.host(parts)
 
         world = self.comm.world
@@ -490,18 +495,19 @@ class GeoAverager:
                     values_at[r] += c * width
             shape = (-1,) + (1,) * (base[tables[t][0]].ndim - 1)
             for k in tables[t]:
-                new[k] = (rows, np.take(base[k], rows, axis=0) + sums[k] / n_touching.reshape(shape))
+                new[k] = (rows, _rows(base[k], rows) + sums[k] / n_touching.reshape(shape))
 
         optimizer_values = {}
         for k, (rows, values) in new.items():
             array, shares = arrays[k]
-            if rows is None:
-                base[k] = values
+            every_row = rows is None or len(rows) == len(base[k])  # rows are unique and ascending
+            if every_row:
+                base[k] = values.reshape(base[k].shape)
             else:
                 base[k][rows] = values
             if shares:  # written in place: the tensor's memory
-                if rows is None:
-                    array[...] = values
+                if every_row:
+                    array[...] = values.reshape(array.shape)
                 else:
                     array[rows] = values
             elif k[0] == "network":

@@ -451,14 +451,14 @@ def test_sync_exchange_is_one_collective_per_step_once_the_capacity_is_agreed():
     assert [r.gather.collectives for r in reducers] == [5, 5], f"seed {seed}"
 
 
-@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "copies"])
-def test_geo_exchange_averages_changes_over_the_workers_that_touched_each_row(monkeypatch, in_place):
+@pytest.mark.parametrize("in_place,every_row", [(True, False), (False, False), (True, True)],
+                         ids=["in-place", "copies", "every-row-touched"])
+def test_geo_exchange_averages_changes_over_the_workers_that_touched_each_row(monkeypatch, in_place, every_row):
     from paddlerec import worker
     from paddlerec.worker import GeoAverager
 
     if not in_place:  # what a GPU tensor gets: copies out, set_value / load_optimizer_state back
         monkeypatch.setattr(worker, "_host_array", lambda tensor: (tensor.numpy(), False))
-
     seed = 11
     rng = np.random.default_rng(seed)
     n_items = 20
@@ -472,7 +472,7 @@ def test_geo_exchange_averages_changes_over_the_workers_that_touched_each_row(mo
         averager.snapshot()
     base = {**{k: v.numpy().copy() for k, v in models[0].network.state_dict().items()},
             **{k: v.numpy().copy() for k, v in models[0].optimizer_state().items()}}
-    touched = [np.array([1, 2, 5]), np.array([2, 7])]
+    touched = [np.arange(n_items) if every_row else np.array([1, 2, 5]), np.array([2, 7])]
     changes = [{}, {}]
     for r, model in enumerate(models):  # what K local steps would have done: changed rows and dense tensors
         for name in ("item_emb", "item_bias", "item_emb.acc", "item_emb.mom", "gru0_w_hh", "gru0_w_hh.acc"):
@@ -490,17 +490,20 @@ def test_geo_exchange_averages_changes_over_the_workers_that_touched_each_row(mo
                **{k: v.numpy() for k, v in m.optimizer_state().items()}} for m in models]
     for name in sorted(states[0]):  # every worker ends with the very same state
         np.testing.assert_array_equal(states[0][name], states[1][name], err_msg=f"{name}, seed {seed}")
-    for name, change in changes[0].items():
+    for name in changes[0]:
         expected = base[name].copy()
-        if name.startswith("item_"):
-            expected[[1, 5]] += change[[1, 5]]  # touched by worker 0 alone
-            expected[7] += changes[1][name][7]  # by worker 1 alone
-            expected[2] += (change[2] + changes[1][name][2]) / 2  # by both
+        if name.startswith("item_"):  # each row: its mean change over the workers that touched it
+            for row in range(n_items):
+                by = [r for r in range(2) if row in touched[r]]
+                if by:
+                    expected[row] += sum(changes[r][name][row] for r in by) / len(by)
         else:
-            expected += (change + changes[1][name]) / 2
+            expected += (changes[0][name] + changes[1][name]) / 2
         np.testing.assert_allclose(states[0][name], expected, rtol=1e-5, atol=1e-6, err_msg=f"{name}, seed {seed}")
-    untouched = [i for i in range(n_items) if i not in (1, 2, 5, 7)]
+    untouched = [i for i in range(n_items) if not any(i in t for t in touched)]
     np.testing.assert_array_equal(states[0]["item_emb"][untouched], base["item_emb"][untouched])
+    if not every_row:
+        assert untouched
 
 
 def test_geo_cuts_the_epoch_every_k_steps_and_exchanges_there_and_at_its_end():
