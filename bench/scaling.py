@@ -239,7 +239,11 @@ def plot(path, table, shapes):
         for (s, conf), figures in table.items():
             if s == shape:
                 series.setdefault(conf[1], []).append((conf[2], figures["events_per_s"]))
+        one = next((f["events_per_s"] for (s, conf), f in table.items() if s == shape and conf[1] == "threads"
+                    and conf[2] == 1), None)
         for kind, points in series.items():
+            if kind != "threads" and one is not None:
+                points.append((1, one))  # 1 worker is 1 process x 1 thread
             points.sort()
             name = "1 process x threads" if kind == "threads" else f"{kind}: workers x 1 thread"
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
