@@ -13,8 +13,8 @@ How the workers train together
     Every loss is normalised by its worker's batch_size, so the mean makes the update the one a
     single process would make on the union mini-batch with its loss normalised by the union's
     size. Every worker applies the same combined update and so keeps identical parameters.
-    (The model decides its step; the fused kernel cannot yet combine gradients between its
-    backward pass and its update, so sync workers use the reference step.)
+    (The model calls the reducer between a step's backward pass and its update; the fused
+    kernel does so between its two operators.)
   * `distribute_strategy: geo` with `geo_steps: K` (geo-SGD, `GeoAverager` below): the model's
     grad_reducer stays None, so each worker trains with the model's fastest step (the fused
     kernel) K mini-batches on its own; then one all-gather averages the changes since the last
