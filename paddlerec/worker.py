@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 STORE_POLL_SECONDS = 0.05
 
 
+STOPPED_MESSAGE = "stopped by paddle.distributed.launch (another worker failed, or the job was cancelled)"
+
+
 class _StoppedByLauncher(BaseException):
     """SIGTERM in a worker: the launcher stops the job (usually because another worker failed)."""
 
@@ -734,36 +737,46 @@ def worker_main(argv=None):
     logs.configure()
     status = _Status(job["log_dir"], int(os.environ.get("PADDLE_LOCAL_RANK", "0")), job["token"])
 
+    handling = []  # set once an error is being recorded: the first one recorded is kept
+
     def failed(message, exit_code, kind):
+        if handling:
+            return
+        handling.append(kind)
         status.update(state="failed", failed_at=time.time(),
                       error={"message": message, "exit_code": exit_code, "kind": kind})
 
     def stopped(signum, frame):
-        raise _StoppedByLauncher()
+        # recorded here, not where the exception lands: Python may raise it inside a finaliser,
+        # which swallows it, or inside the handling of another error
+        if not handling:
+            failed(STOPPED_MESSAGE, 143, "stopped")
+            raise _StoppedByLauncher()
 
     try:
-        import paddle  # noqa: F401  (imported before the handler: Paddle installs its own on import)
+        try:
+            import paddle  # noqa: F401  (imported before the handler: Paddle installs its own on import)
 
-        signal.signal(signal.SIGTERM, stopped)
-        _train(job, status)
-    except _StoppedByLauncher:
-        failed("stopped by paddle.distributed.launch (another worker failed, or the job was cancelled)", 143,
-               "stopped")
+            signal.signal(signal.SIGTERM, stopped)
+            _train(job, status)
+        except _StoppedByLauncher:
+            return 143  # recorded by the handler
+        except PeerLost as exc:
+            failed(f"{exc.prefix}: {exc}", exc.exit_code, "peer")
+            print(f"{exc.prefix}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except UserError as exc:
+            failed(f"{exc.prefix}: {exc}", exc.exit_code, "own")
+            print(f"{exc.prefix}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            failed("interrupted", 130, "own")
+            return 130
+        except BaseException as exc:  # a bug: recorded for the runner, traceback kept in the worker log
+            failed(f"{type(exc).__name__}: {exc}", 1, "own")
+            raise
+    except _StoppedByLauncher:  # SIGTERM arrived while another error was being handled, before it was recorded
         return 143
-    except PeerLost as exc:
-        failed(f"{exc.prefix}: {exc}", exc.exit_code, "peer")
-        print(f"{exc.prefix}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except UserError as exc:
-        failed(f"{exc.prefix}: {exc}", exc.exit_code, "own")
-        print(f"{exc.prefix}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        failed("interrupted", 130, "own")
-        return 130
-    except BaseException as exc:  # a bug: recorded for the runner, traceback kept in the worker log
-        failed(f"{type(exc).__name__}: {exc}", 1, "own")
-        raise
     status.update(state="done")
     return 0
 
