@@ -1,7 +1,7 @@
 """Distributed training on the 100k RSC15 split: events/s of 1 vs 2 workers, and their accuracy.
 
     python bench/distributed.py [--data DIR] [--workdir DIR] [--epochs 2] [--repeats 3]
-                                [--settings fused,fused-union,ref-1,ref-2]
+                                [--settings fused,fused-union,ref-1,ref-2,sync-2,geo-2]
 
 Every run is what a user types, `python -m paddlerec.run -m CONFIG -o ...`, on the config that
 `sh data_prepare.sh --prepared DIR` writes for the split (the repository config's
@@ -12,7 +12,10 @@ Settings (the same seeds 42, 43, ... for each):
   fused-union  the same with batch_size x 2: the union mini-batch the 2 workers train on
   ref-1        class local_cluster_train, worker_num 1, reference (Paddle operator) step
   ref-2        class local_cluster_train, worker_num 2, reference step: the gradients of the
-               two workers are averaged every mini-batch (the fused step cannot combine them)
+               two workers are averaged every mini-batch (distribute_strategy sync)
+  sync-2       the same with the fused kernel (its two operators, the exchange between them)
+  geo-2        worker_num 2, distribute_strategy geo (geo_steps: the config's), fused kernel
+bench/scaling.py measures threads and workers more widely (and on the full-catalogue shape).
 ref-1 vs ref-2 is the fair scaling figure (same step implementation, same 2-thread budget of
 the phase's thread_num, split between the workers). events/s: median over the runs of each run's
 epochs after the first (the first pays one-off costs), or of its only epoch; for ref-2 it counts
@@ -34,7 +37,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "rsc15_sessionrec_100k"))
-SETTINGS = ("fused", "fused-union", "ref-1", "ref-2")
+SETTINGS = ("fused", "fused-union", "ref-1", "ref-2", "sync-2", "geo-2")
 METRICS = re.compile(r"infer \S+, epoch (\d+) .*Recall@20: ([0-9.]+).*MRR@20: ([0-9.]+)")
 
 
@@ -80,13 +83,13 @@ def batch_size_of(config_path):
 
 def run_once(config_path, setting, seed, epochs, folder, batch_size):
     """One training run and its evaluation; returns the run's figures."""
-    distributed = setting.startswith("ref-")
+    distributed = setting.startswith(("ref-", "sync-", "geo-"))
     runner = "local_cluster_train_runner" if distributed else "cpu_train_runner"
     checkpoints = os.path.join(folder, "checkpoints")
     overrides = {
         "mode": f"[{runner},cpu_infer_runner]",
         "hyper_parameters.seed": seed,
-        "hyper_parameters.kernel": "reference" if distributed else "fused",
+        "hyper_parameters.kernel": "reference" if setting.startswith("ref-") else "fused",
         f"runner.{runner}.epochs": epochs,
         f"runner.{runner}.save_checkpoint_path": checkpoints,
         f"runner.{runner}.save_checkpoint_interval": 0,
@@ -98,6 +101,7 @@ def run_once(config_path, setting, seed, epochs, folder, batch_size):
     if distributed:
         overrides[f"runner.{runner}.worker_num"] = int(setting.split("-")[1])
         overrides[f"runner.{runner}.log_dir"] = os.path.join(folder, "log")
+        overrides[f"runner.{runner}.distribute_strategy"] = "geo" if setting.startswith("geo-") else "sync"
     if setting == "fused-union":
         overrides["dataset.dataset_train.batch_size"] = 2 * batch_size
     cmd = [sys.executable, "-m", "paddlerec.run", "-m", config_path, "--no-progress"]
