@@ -259,6 +259,73 @@ class SyncReducer:
             self.seconds += time.perf_counter() - started
 
     def _combine(self, dense, sparse):
+        tensors = list(dense.values()) + [g for _, g in sparse.values()]
+        if all(t.place.is_cpu_place() and str(t.dtype).endswith("float32") for t in tensors):
+            return self._combine_on_host(dense, sparse)
+        return self._combine_tensors(dense, sparse)
+
+    def _combine_on_host(self, dense, sparse):
+        """_combine_tensors in numpy (gloo's tensors live on the host anyway): the same buffers and
+        arithmetic, with a tenth of the per-operator overhead."""
+        import paddle
+
+        world, rank = self.comm.world, self.comm.rank
+        dense_names, sparse_names = sorted(dense), sorted(sparse)  # the same order on every worker
+        shapes = [list(dense[n].shape) for n in dense_names]
+        sizes = [int(np.prod(s)) for s in shapes]
+        tails = [list(sparse[n][1].shape[1:]) for n in sparse_names]
+        widths = [int(np.prod(t)) for t in tails]
+        rows = [np.asarray(sparse[n][0], np.int64) for n in sparse_names]
+        counts = np.array([len(r) for r in rows], np.int64)
+        scale = np.float32(1.0 / world)
+
+        parts = [counts.view(np.float32)] + [_host_array(dense[n])[0].reshape(-1) for n in dense_names]
+        mine = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        if len(mine):
+            parts.append(mine.view(np.float32))
+            parts += [_host_array(sparse[n][1])[0].reshape(-1) * scale for n, c in zip(sparse_names, counts) if c]
+        gathered = self.gather.host(parts)
+
+        head, n_dense = 2 * len(sparse_names), sum(sizes)
+        total = gathered[0][head:head + n_dense].copy()
+        for body in gathered[1:]:  # summed in rank order: the same sum on every worker
+            total += body[head:head + n_dense]
+        total *= scale
+        combined_dense = {}
+        if dense_names:
+            flat = paddle.to_tensor(total)
+            pieces = paddle.split(flat, sizes) if len(sizes) > 1 else [flat]
+            combined_dense = {n: part.reshape(shape) for n, part, shape in zip(dense_names, pieces, shapes)}
+        if not sparse_names:
+            return combined_dense, {}
+
+        all_counts = [body[:head].view(np.int64) for body in gathered]
+        if len(mine):
+            at = head + n_dense
+            if not np.array_equal(gathered[rank][at:at + 2 * len(mine)].view(np.int64), mine):
+                raise TrainingError("the gradient exchange altered the row ids it carried; this is a bug in "
+                                    "paddlerec/worker.py or in the collective backend")
+        ids = [[] for _ in sparse_names]
+        values = [[] for _ in sparse_names]
+        for r, body in enumerate(gathered):
+            m = int(all_counts[r].sum())
+            id_at = head + n_dense
+            value_at = id_at + 2 * m
+            for j in range(len(sparse_names)):
+                c = int(all_counts[r][j])
+                if c:
+                    ids[j].append(body[id_at:id_at + 2 * c].view(np.int64))
+                    values[j].append(body[value_at:value_at + c * widths[j]])
+                id_at += 2 * c
+                value_at += c * widths[j]
+        out = {}
+        for j, n in enumerate(sparse_names):
+            merged_ids = np.concatenate(ids[j]) if ids[j] else np.zeros(0, np.int64)
+            merged = np.concatenate(values[j]) if values[j] else np.zeros(0, np.float32)
+            out[n] = (merged_ids, paddle.to_tensor(merged.reshape([len(merged_ids)] + tails[j])))
+        return combined_dense, out
+
+    def _combine_tensors(self, dense, sparse):
         import paddle
 
         world, rank = self.comm.world, self.comm.rank

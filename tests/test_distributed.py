@@ -349,10 +349,14 @@ class ThreadComm:
         return [paddle.to_tensor(v) for v in self._exchange(tensor.numpy())]
 
 
-def test_reducer_averages_dense_gradients_and_gathers_sparse_rows_of_unequal_lengths():
+@pytest.mark.parametrize("path", ["host", "tensors"])
+def test_reducer_averages_dense_gradients_and_gathers_sparse_rows_of_unequal_lengths(monkeypatch, path):
     import paddle
 
     from paddlerec.worker import SyncReducer
+
+    if path == "tensors":  # what GPU tensors take (NCCL): Paddle operators instead of numpy
+        monkeypatch.setattr(SyncReducer, "_combine", SyncReducer._combine_tensors)
 
     rng = np.random.default_rng(7)
     inputs = []
