@@ -151,6 +151,18 @@ def _ints(tensor):
     return np.ascontiguousarray(tensor.numpy()).view(np.int64)
 
 
+def _tensor_of(array):
+    """A CPU tensor of a numpy array, sharing its memory where DLPack can (else a copy)."""
+    import paddle
+
+    try:
+        from paddle.utils.dlpack import from_dlpack
+
+        return from_dlpack(array)
+    except (AttributeError, TypeError, RuntimeError, ValueError, BufferError):
+        return paddle.to_tensor(array)
+
+
 class FlatGather:
     """All-gather of one 1-D float buffer per worker, whose lengths differ, in ONE collective.
 
@@ -192,9 +204,8 @@ class FlatGather:
 
     def host(self, parts):
         """The same for a buffer made of numpy float32 arrays (concatenated): one copy into the
-        padded buffer, one into the tensor; returns numpy arrays."""
-        import paddle
-
+        padded buffer, which the collective reads in place; returns numpy arrays (views of the
+        gathered tensors where DLPack allows)."""
         length = sum(int(p.size) for p in parts)
         width = 2  # float32 elements of the int64 length
         while True:
@@ -207,7 +218,7 @@ class FlatGather:
                     buffer[at:at + p.size] = p.reshape(-1)
                     at += p.size
             buffer[at:] = 0
-            gathered = [g.numpy() for g in self.comm.all_gather(paddle.to_tensor(buffer))]
+            gathered = [_host_array(g)[0] for g in self.comm.all_gather(_tensor_of(buffer))]
             self.collectives += 1
             lengths = [int(g[:width].view(np.int64)[0]) for g in gathered]
             longest = max(lengths)
