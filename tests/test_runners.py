@@ -62,7 +62,7 @@ def test_one_epoch_of_the_shipped_config(tmp_path):
     assert checkpoint_epochs(out / "checkpoints") == [1]
     meta = json.loads((out / "checkpoints" / "1" / "meta.json").read_text())
     assert meta["epoch"] == 1 and meta["hyper_parameters"]["layers"] == [100]
-    with open(os.path.join(REPO, "data", "train", "small_train.txt")) as f:
+    with open(os.path.join(REPO, "data", "train", "sessions.txt")) as f:
         assert meta["data"]["n_items"] == max(int(t) for line in f for t in line.split()) + 1
     assert sorted(os.listdir(out / "inference" / "1")) == ["io.json", "model.json", "model.pdiparams"]
     assert sorted(os.listdir(out / "predictions")) == ["1.txt"]
