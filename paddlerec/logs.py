@@ -1,6 +1,13 @@
-"""The log line format of every process of a run: `HH:MM:SS LEVEL message` on stderr.
+"""Where a run's output goes: results on stdout, the log on stderr.
 
-Library code only logs (`logging.getLogger(__name__)`); entry points call `configure` once.
+Results (metrics tables, recommendations, the end-of-run summary) are logged through
+`results` (logger "paddlerec.results"); everything else — progress, diagnostics, warnings —
+through the module's own logger. `configure` (called once by an entry point) sends results to
+stdout as plain lines and every other record to stderr as `HH:MM:SS LEVEL message`, so
+`| tee` and `| grep` capture the results alone; `log_file` also writes both, in that format, to
+one file. Without `configure` (a library caller, a test) results simply propagate to the root
+logger like any record.
+
 A process that relays another's log (the distributed launcher reading its workers' output)
 reads the lines back with `parse_line`, which follows the same two constants.
 """
@@ -13,10 +20,43 @@ FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 
 
-def configure(quiet=False):
-    """Log INFO and above (WARNING and above when quiet) to stderr in FORMAT."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format=FORMAT, datefmt=DATE_FORMAT,
-                        stream=sys.stderr)
+RESULTS = "paddlerec.results"
+results = logging.getLogger(RESULTS)
+
+
+def configure(quiet=False, log_file=None):
+    """Log INFO and above (WARNING and above when quiet) to stderr in FORMAT, results to stdout
+    (even when quiet: they are what the run is for), and both to log_file when given."""
+    formatter = logging.Formatter(FORMAT, DATE_FORMAT)
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    if any(not getattr(h, "_paddlerec", False) for h in root.handlers):
+        # the embedding process (pytest, an application calling main()) handles logging:
+        # leave its handlers alone; results reach them through the root logger
+        if log_file:
+            shared = logging.FileHandler(log_file, encoding="utf-8")
+            shared.setFormatter(formatter)
+            root.addHandler(shared)
+        return
+    for handler in list(root.handlers):  # configure once: a second call replaces, not adds
+        if getattr(handler, "_paddlerec", False):
+            root.removeHandler(handler)
+    for handler in list(results.handlers):
+        results.removeHandler(handler)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(formatter)
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(logging.Formatter("%(message)s"))
+    handlers = [(root, stderr), (results, stdout)]
+    if log_file:
+        shared = logging.FileHandler(log_file, encoding="utf-8")
+        shared.setFormatter(formatter)
+        handlers += [(root, shared), (results, shared)]
+    for logger, handler in handlers:
+        handler._paddlerec = True
+        logger.addHandler(handler)
+    results.setLevel(logging.INFO)
+    results.propagate = False
 
 
 def parse_line(line):

@@ -7,11 +7,11 @@ Exit codes: 0 done; 2 invalid config or input (one line on stderr, no traceback)
 import argparse
 import contextlib
 import io
-import logging
 import os
 import sys
 import warnings
 
+from . import logs
 from .config import load_config, used_phases
 from .errors import UserError
 
@@ -26,13 +26,20 @@ def parse_args(argv):
                         help="override a config key (dotted; list entries by name, e.g. "
                              "runner.cpu_train_runner.epochs=1); VALUE is YAML. Repeatable.")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines stay)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log warnings and errors only (results are still printed)")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="also write the log and the results, in order, to this file")
     return parser.parse_args(argv)
 
 
-def configure_logging(quiet):
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+def configure_logging(quiet, log_file=None):
+    """Results (metrics, recommendations, the summary) on stdout; the log on stderr."""
+    try:
+        logs.configure(quiet, log_file)
+    except OSError as exc:
+        print(f"error: --log-file: cannot write {log_file}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def set_threads(config):
@@ -61,15 +68,19 @@ def import_paddle_quietly():
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(args.quiet)
+    configure_logging(args.quiet, args.log_file)
     try:
         config = load_config(args.model, args.override)
         set_threads(config)
         warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
         import_paddle_quietly()
         from .runners import RunContext, run
+        from .summary import summary_lines
 
-        run(RunContext(config, show_progress=not args.no_progress))
+        ctx = RunContext(config, show_progress=not args.no_progress)
+        run(ctx)
+        for line in summary_lines(ctx):
+            logs.results.info("%s", line)
     except UserError as exc:
         print(f"{exc.prefix}: {exc}", file=sys.stderr)
         return exc.exit_code
