@@ -84,7 +84,7 @@ def model_row(label, path, train_dir, test_dir, vocab, work, overrides, show_pro
     ctx = run_config(load_config(path, overrides + extra), show_progress)
     epochs = ctx.results[train[0]]["epochs"]
     final = ctx.results[infer[0]]["evaluations"][-1]
-    note = f"{os.path.relpath(path, REPO)}, {len(epochs)} epochs, trained in {sum(r['seconds'] for r in epochs):.0f} s"
+    note = f"`{os.path.relpath(path, REPO)}`, {len(epochs)} epochs"
     logging.info("%s done in %.0fs", label, time.perf_counter() - started)
     return label, final, note
 

@@ -150,16 +150,16 @@ def format_metrics(metrics):
 
 def comparison_table(rows, keys):
     """A plain-text table, one row per (name, metrics): the metric columns in `keys`."""
-    names = [name for name, _ in rows]
-    width = max([len(n) for n in names] + [5])
-    header = f"{'':<{width}}  " + "  ".join(f"{display_name(k):>13}" for k in keys)
-    lines = [header]
+    width = max([len(name) for name, _ in rows] + [5])
+    columns = [max(len(display_name(k)), 6) for k in keys]
+    lines = [f"{'':<{width}}" + "".join(f"  {display_name(k):>{w}}" for k, w in zip(keys, columns))]
     for name, metrics in rows:
         cells = []
-        for k in keys:
+        for k, w in zip(keys, columns):
             value = metrics.get(k)
-            cells.append(f"{value:>13.4f}" if isinstance(value, (int, float)) and not math.isnan(value) else f"{'-':>13}")
-        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+            number = isinstance(value, (int, float)) and not math.isnan(value)
+            cells.append(f"  {value:>{w}.4f}" if number else f"  {'-':>{w}}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
     return lines
 
 

@@ -432,8 +432,8 @@ def report_phase(phase_name, reader, table, tie_mode, cutoffs):
     keys = [key for key in (f"recall@{k}", f"mrr@{k}", f"ndcg@{k}", f"coverage@{k}", f"popularity@{k}")
             if any(key in m for _, m in table)]
     targets = table[0][1]["targets"] if table else 0
-    results.info("%s: %d test sessions, %d targets ranked against every item seen in training (tie_mode %s)",
-                 phase_name, reader.n_queries, targets, tie_mode)
+    results.info("%s: %s targets in %s sessions, each ranked against every item seen in training (ties: %s)",
+                 phase_name, f"{targets:,}", f"{reader.n_queries:,}", tie_mode)
     for line in comparison_table(table, keys):
         results.info("%s", line)
 
