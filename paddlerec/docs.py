@@ -74,8 +74,8 @@ def config_reference_markdown(model_path=DEFAULT_MODEL):
         "### `phase` entries",
         reference_table(PHASE_PARAMS),
     ]
-    for cls, params in RUNNER_CLASSES.items():
-        parts += [f"### `runner` entries with `class: {cls}`", reference_table(params)]
+    for cls, runner_class in RUNNER_CLASSES.items():
+        parts += [f"### `runner` entries with `class: {cls}`", reference_table(runner_class.params)]
     parts += [f"### `hyper_parameters` ({os.path.basename(model_path)})",
               reference_table(model_hyper_parameters(model_path))]
     return "\n\n".join(parts) + "\n"

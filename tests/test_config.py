@@ -348,7 +348,7 @@ def test_reference_lists_every_declared_key():
     text = docs.config_reference_markdown()
     import model
 
-    sections = [DATASET_PARAMS, PHASE_PARAMS, model.HYPER_PARAMETERS] + list(RUNNER_CLASSES.values())
+    sections = [DATASET_PARAMS, PHASE_PARAMS, model.HYPER_PARAMETERS] + [c.params for c in RUNNER_CLASSES.values()]
     for params in sections:
         for param in params:
             assert f"| `{param.name}` |" in text, param.name
