@@ -26,37 +26,36 @@ results = logging.getLogger(RESULTS)
 
 def configure(quiet=False, log_file=None):
     """Log INFO and above (WARNING and above when quiet) to stderr in FORMAT, results to stdout
-    (even when quiet: they are what the run is for), and both to log_file when given."""
+    (even when quiet: they are what the run is for), and both to log_file when given.
+
+    When the process already has logging handlers of its own (pytest, an application calling
+    main()), those stay in charge: results reach them through the root logger, and only the
+    log file is added. Calling it again replaces what an earlier call set up."""
     formatter = logging.Formatter(FORMAT, DATE_FORMAT)
     root = logging.getLogger()
+    for logger in (root, results):
+        for handler in list(logger.handlers):
+            if getattr(handler, "_paddlerec", False):
+                logger.removeHandler(handler)
+                handler.close()
     root.setLevel(logging.WARNING if quiet else logging.INFO)
-    if any(not getattr(h, "_paddlerec", False) for h in root.handlers):
-        # the embedding process (pytest, an application calling main()) handles logging:
-        # leave its handlers alone; results reach them through the root logger
-        if log_file:
-            shared = logging.FileHandler(log_file, encoding="utf-8")
-            shared.setFormatter(formatter)
-            root.addHandler(shared)
-        return
-    for handler in list(root.handlers):  # configure once: a second call replaces, not adds
-        if getattr(handler, "_paddlerec", False):
-            root.removeHandler(handler)
-    for handler in list(results.handlers):
-        results.removeHandler(handler)
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(formatter)
-    stdout = logging.StreamHandler(sys.stdout)
-    stdout.setFormatter(logging.Formatter("%(message)s"))
-    handlers = [(root, stderr), (results, stdout)]
+    results.setLevel(logging.INFO)
+    handlers = []
     if log_file:
         shared = logging.FileHandler(log_file, encoding="utf-8")
         shared.setFormatter(formatter)
-        handlers += [(root, shared), (results, shared)]
+        handlers.append((root, shared))
+    embedded = bool(root.handlers)
+    results.propagate = embedded
+    if not embedded:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(formatter)
+        stdout = logging.StreamHandler(sys.stdout)
+        stdout.setFormatter(logging.Formatter("%(message)s"))
+        handlers += [(root, stderr), (results, stdout)] + ([(results, handlers[0][1])] if log_file else [])
     for logger, handler in handlers:
         handler._paddlerec = True
         logger.addHandler(handler)
-    results.setLevel(logging.INFO)
-    results.propagate = False
 
 
 def parse_line(line):

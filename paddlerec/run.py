@@ -34,12 +34,13 @@ def parse_args(argv):
 
 
 def configure_logging(quiet, log_file=None):
-    """Results (metrics, recommendations, the summary) on stdout; the log on stderr."""
+    """Results (metrics, recommendations, the summary) on stdout; the log on stderr. Returns
+    the error line when log_file cannot be written, else None."""
     try:
         logs.configure(quiet, log_file)
     except OSError as exc:
-        print(f"error: --log-file: cannot write {log_file}: {exc.strerror or exc}", file=sys.stderr)
-        sys.exit(2)
+        return f"error: --log-file: cannot write {log_file}: {exc.strerror or exc}"
+    return None
 
 
 def set_threads(config):
@@ -68,7 +69,10 @@ def import_paddle_quietly():
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(args.quiet, args.log_file)
+    problem = configure_logging(args.quiet, args.log_file)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         config = load_config(args.model, args.override)
         set_threads(config)
@@ -82,12 +86,23 @@ def main(argv=None):
         for line in summary_lines(ctx):
             logs.results.info("%s", line)
     except UserError as exc:
-        print(f"{exc.prefix}: {exc}", file=sys.stderr)
+        ending(args.log_file, f"{exc.prefix}: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; the last saved checkpoint is complete", file=sys.stderr)
+        ending(args.log_file, "interrupted; the last saved checkpoint is complete")
         return 130
     return 0
+
+
+def ending(log_file, line):
+    """The one line a failed run ends with: on stderr, and in the log file, which holds the whole run."""
+    print(line, file=sys.stderr)
+    if log_file:
+        try:
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass  # the line is on stderr; a log file that cannot take it was reported when opened
 
 
 if __name__ == "__main__":

@@ -119,3 +119,16 @@ def test_summary_names_the_outputs_and_its_curl_line_works_against_the_served_mo
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_failed_run_ends_its_log_file_with_the_error_line(tmp_path, capsys):
+    from paddlerec.run import main
+
+    log_file = tmp_path / "run.log"
+    code = main(["-m", os.path.join(REPO, "config.yaml"), "--log-file", str(log_file),
+                 "-o", "runner.cpu_infer_runner.train_phase=no_such_phase", "-o", "mode=[cpu_infer_runner]"])
+    assert code == 2
+    line = "config error: runner.cpu_infer_runner.train_phase: no phase named 'no_such_phase'"
+    assert line in capsys.readouterr().err
+    assert log_file.read_text().splitlines()[-1].startswith(line)
+    assert main(["-m", os.path.join(REPO, "config.yaml"), "--log-file", str(tmp_path / "missing" / "run.log")]) == 2
