@@ -19,8 +19,9 @@ from . import checkpoint, curves
 from .config import Config
 from .contract import DataInfo
 from .errors import CheckpointError, ConfigError, TrainingError, UserError
+from .baselines import Pop, make_baseline
 from .logs import results
-from .metrics import format_metrics
+from .metrics import ListMetrics, comparison_table, format_metrics, metrics_files
 from .params import validate_section
 from .plugins import PluginError, load_file, where
 from .progress import progress_bar
@@ -358,9 +359,6 @@ def run_infer(ctx: RunContext, runner_name):
     """Evaluate each checkpoint under init_model_path (in epoch order) on each phase's data and,
     with a train_phase, the popularity baseline (POP) on the same targets; print one table per
     phase (results), write the metrics files and the predictions."""
-    from .baselines import Pop
-    from .metrics import ListMetrics
-
     config = ctx.config
     runner = config.runners[runner_name]
     select_device(runner_name, runner["device"])
@@ -426,8 +424,6 @@ def run_infer(ctx: RunContext, runner_name):
 
 def report_phase(phase_name, reader, table, tie_mode, cutoffs):
     """The phase's comparison table on the results stream: the metrics at the largest cutoff."""
-    from .metrics import comparison_table
-
     k = max(cutoffs)
     keys = [key for key in (f"recall@{k}", f"mrr@{k}", f"ndcg@{k}", f"coverage@{k}", f"popularity@{k}")
             if any(key in m for _, m in table)]
@@ -439,8 +435,6 @@ def report_phase(phase_name, reader, table, tie_mode, cutoffs):
 
 
 def write_metrics(folder, rows):
-    from .metrics import metrics_files
-
     text_json, text_csv = metrics_files(rows)
     write_atomic(os.path.join(folder, "metrics.json"), lambda f: f.write(text_json + "\n"))
     write_atomic(os.path.join(folder, "metrics.csv"), lambda f: f.write(text_csv))
@@ -450,9 +444,6 @@ def write_metrics(folder, rows):
 def run_baseline(ctx: RunContext, runner_name):
     """Baseline runner: fit each baseline on train_phase, evaluate it on every phase through the
     evaluation loop the model uses (same targets, same ties), print one table per phase."""
-    from .baselines import make_baseline
-    from .metrics import ListMetrics
-
     config = ctx.config
     runner = config.runners[runner_name]
     train_phase = runner["train_phase"]
