@@ -78,7 +78,8 @@ def main(argv=None):
         set_threads(config)
         warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
         import_paddle_quietly()
-        from .runners import RunContext, run
+        from .loops import RunContext
+        from .mode import run
         from .summary import summary_lines
 
         ctx = RunContext(config, show_progress=not args.no_progress)

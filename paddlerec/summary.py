@@ -53,7 +53,8 @@ def serve_lines(ctx, export, train_phase) -> List[str]:
         command += ["--runner", name]
     serves = runner["init_model_path"]
     if os.path.abspath(export) not in (os.path.abspath(serves), os.path.abspath(newest_epoch_folder(serves) or "")):
-        command += ["-o", f"runner.{name}.init_model_path={shown(export)}"]
+        # absolute: a relative path in an override is read from the config's workspace, not from here
+        command += ["-o", f"runner.{name}.init_model_path={os.path.abspath(export)}"]
     port = runner["port"] or "PORT"
     body = json.dumps({"session": "u1", "item": item})
     return [f"  serve this model:  {shlex.join(command)}",
