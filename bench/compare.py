@@ -53,7 +53,8 @@ def parse_args(argv):
 
 
 def run_config(config, show_progress):
-    from paddlerec.runners import RunContext, run
+    from paddlerec.loops import RunContext
+    from paddlerec.mode import run
 
     ctx = RunContext(config, show_progress=show_progress)
     run(ctx)
