@@ -80,6 +80,7 @@ def model_row(label, path, train_dir, test_dir, vocab, work, overrides, show_pro
         raise UserError(f"{path}: its mode must train once and then infer (e.g. [cpu_train_runner, cpu_infer_runner])")
     # the train runner's phase is the model's training data: the infer runner's POP and Popularity@K count it
     extra.append(f"runner.{infer[0]}.train_phase={base.runners[train[0]]['phases'][0]}")
+    extra.append(f"runner.{infer[0]}.list_metrics=true")  # Coverage@K and Popularity@K: no predictions, but the lists
     shutil.rmtree(os.path.join(folder, "checkpoints"), ignore_errors=True)
     started = time.perf_counter()
     ctx = run_config(load_config(path, overrides + extra), show_progress)

@@ -57,6 +57,9 @@ INFER_PARAMS = RUNNER_COMMON + (
                "empty: no baseline, no Popularity@K"),
     Param("metrics_path", "path", "",
           help="write every evaluation's metrics to `<this>/metrics.json` and `metrics.csv`; empty: don't"),
+    Param("list_metrics", "bool", True,
+          help="also ask for the list recommended at every target, for Coverage@K and Popularity@K (about "
+               "doubles the evaluation's work); false: rank the targets only, as the official evaluation does"),
 )
 
 # Baselines (paddlerec/baselines.py) fitted on train_phase, evaluated like a model on `phases`.

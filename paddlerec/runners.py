@@ -192,7 +192,8 @@ def run_infer(ctx: RunContext, runner_name):
             wanted = bool(runner["predictions_path"] or runner["show_predictions"])
             predictions = Predictions(labels)
             clicks = train_info.item_support if train_info is not None else model.known_items()
-            lists = ListMetrics(cutoffs, clicks, with_popularity=train_info is not None)
+            lists = ListMetrics(cutoffs, clicks, with_popularity=train_info is not None) \
+                if runner["list_metrics"] else None
             started = time.perf_counter()
             metrics = evaluate_phase(ctx, phase_name, model, cutoffs, tie_mode, topk,
                                      predictions if wanted else None, lists)
@@ -211,7 +212,7 @@ def run_infer(ctx: RunContext, runner_name):
                 log.info("wrote %d sessions' top-%d to %s", len(predictions.rows), topk, out)
         if train_info is not None:
             baseline = Pop(train_info)
-            lists = ListMetrics(cutoffs, train_info.item_support)
+            lists = ListMetrics(cutoffs, train_info.item_support) if runner["list_metrics"] else None
             metrics = evaluate_phase(ctx, phase_name, baseline, cutoffs, tie_mode, topk, None, lists)
             if metrics["targets"] != table[-1][1]["targets"]:
                 log.warning("POP ranks %d targets of %s but the model %d: is train_phase %s the data the model was "

@@ -132,3 +132,19 @@ def test_a_failed_run_ends_its_log_file_with_the_error_line(tmp_path, capsys):
     assert line in capsys.readouterr().err
     assert log_file.read_text().splitlines()[-1].startswith(line)
     assert main(["-m", os.path.join(REPO, "config.yaml"), "--log-file", str(tmp_path / "missing" / "run.log")]) == 2
+
+
+def test_without_list_metrics_the_ranks_are_the_same_and_coverage_is_left_out(first_run, tmp_path):
+    out, _ = first_run
+    args = ["-m", "paddlerec.run", "-m", os.path.join(REPO, "config.yaml"), "--no-progress",
+            "-o", "mode=[cpu_infer_runner]", "-o", f"runner.cpu_infer_runner.init_model_path={out}/checkpoints",
+            "-o", "runner.cpu_infer_runner.predictions_path=", "-o", f"runner.cpu_infer_runner.metrics_path={tmp_path}",
+            "-o", "runner.cpu_infer_runner.list_metrics=false"]
+    proc = run_cli(args, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranked_only = json.loads((tmp_path / "metrics.json").read_text())
+    with_lists = json.loads((out / "metrics.json").read_text())
+    assert [r["recall@20"] for r in ranked_only] == [r["recall@20"] for r in with_lists]
+    assert [r["mrr@20"] for r in ranked_only] == [r["mrr@20"] for r in with_lists]
+    assert all("coverage@20" not in r and "popularity@20" not in r for r in ranked_only)
+    assert re.search(r"Recall@20 +MRR@20 +NDCG@20\n", proc.stdout)  # the table without the list columns
