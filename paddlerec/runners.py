@@ -101,7 +101,7 @@ def prepare(ctx: RunContext):
 
     config = ctx.config
     for runner_name in config.mode:  # checks that need paddle itself (e.g. distributed strategies), before any data
-        check = RUNNER_CHECKS.get(config.runners[runner_name]["class"])
+        check = RUNNER_CHECKS.get(config.runners[runner_name]["class"]) or _registered(runner_name, config).check_function()
         if check is not None:
             check(ctx, runner_name)
     for runner_name in config.mode:
@@ -115,6 +115,13 @@ def prepare(ctx: RunContext):
             if runner["class"] != "infer":
                 ctx.hyper_parameters(phase_name)
             ctx.reader(phase_name)
+
+
+def _registered(runner_name, config):
+    """The registry's entry of a runner's class (classes declared only there, e.g. tune)."""
+    from .registry import RUNNER_CLASSES as REGISTERED
+
+    return REGISTERED[config.runners[runner_name]["class"]]
 
 
 def check_init_path(config, runner_name):
@@ -145,7 +152,8 @@ def run(ctx: RunContext):
         runner = ctx.config.runners[runner_name]
         started = time.perf_counter()
         log.info("runner %s (%s) starts", runner_name, runner["class"])
-        outcome = RUNNER_CLASSES[runner["class"]](ctx, runner_name)
+        outcome = (RUNNER_CLASSES.get(runner["class"]) or _registered(runner_name, ctx.config).run_function())(
+            ctx, runner_name)
         log.info("runner %s done in %.1fs", runner_name, time.perf_counter() - started)
         if isinstance(outcome, StopMode):
             log.info("%s", outcome.reason)
