@@ -19,12 +19,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import yaml
+
 from .config import DATASET_PARAMS, apply_override, read_yaml
 from .errors import ConfigError, TrainingError, UserError
 from .files import atomic_files
 from .loops import build_model, evaluate, select_device, train_epoch
 from .params import Param, check_value, unknown_key_error
 from .progress import progress_bar
+from .registry import RUNNER_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -324,13 +327,11 @@ def write_best_config(config, runner_name, trial_number, values, value, model_pa
     raw["hyper_parameters"] = with_values(raw.get("hyper_parameters") or {}, hyper)
     if batch_size is not None:  # every dataset a training runner reads takes the tuned batch size
         trained = {config.phases[p]["dataset_name"] for r in config.runners.values()
-                   if r["class"] in TRAINING_CLASSES for p in r.get("phases", [])}
+                   if RUNNER_CLASSES[r["class"]].trains for p in r.get("phases", [])}
         for entry in raw.get("dataset") or []:
             if isinstance(entry, dict) and entry.get("name") in trained:
                 entry["batch_size"] = batch_size
     raw["mode"] = best_mode(config, runner_name)
-    import yaml
-
     tuned = ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
     header = (f"# Written by the tune runner {runner_name} of {os.path.basename(config.path)}: trial {trial_number}, "
               f"{objective_name(runner)} {value:.4f} on {runner['eval_phase']} after {runner['epochs']} epoch(s).\n"
@@ -346,8 +347,6 @@ def _shown(path):
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative
 
-
-TRAINING_CLASSES = ("train", "local_cluster_train", "cluster_train", "tune")
 
 
 # ---- the runner ------------------------------------------------------------------------------
