@@ -322,7 +322,8 @@ def write_best_config(config, runner_name, trial_number, values, value, model_pa
     for text in config.overrides:
         if text.partition("=")[0].strip() != "mode":
             apply_override(raw, text)
-    raw["workspace"] = os.path.relpath(config.workspace, os.path.dirname(path)) or "."
+    if not os.path.isabs(os.path.expanduser(str(raw.get("workspace", ".")))):  # relative to the config's folder
+        raw["workspace"] = os.path.relpath(config.workspace, os.path.dirname(path))
     hyper, batch_size = split_values(values, model_params)
     raw["hyper_parameters"] = with_values(raw.get("hyper_parameters") or {}, hyper)
     if batch_size is not None:  # every dataset a training runner reads takes the tuned batch size
