@@ -21,12 +21,16 @@
 // parameter its momentum buffer (when momentum > 0).
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -68,89 +72,132 @@ struct MklThreads {
   ~MklThreads() { MKL_Set_Num_Threads_Local(previous); }
 };
 
-// Work split in two halves of the OUTPUT, the second on a helper thread, each half computed by
-// single-threaded MKL: every output element is computed the same way whatever the split, so
-// results do not depend on the thread count (MKL's own threading may split the summed
-// dimension and change the rounding from run to run). Small work stays on one thread.
-constexpr double kParallelFlops = 2e7;
+// Threads: the operators split their work over `team_size()` threads (OMP_NUM_THREADS, which
+// paddlerec.run sets from the phases' thread_num), each calling single-threaded MKL. Work is cut
+// into tiles whose shapes do not depend on the thread count (kColTile columns, kEvalRows rows),
+// each tile computed by one thread and partial sums combined in tile order: results are
+// bitwise identical for any thread count. (MKL's own threading may split a summed dimension and
+// change the rounding from run to run.)
+constexpr int kMaxThreads = 256;
+constexpr int64_t kColTile = 128;  // output columns (items) per tile
+constexpr int64_t kEvalRows = 16;  // evaluation rows per tile (scored against every item)
+constexpr int64_t kChunk = 4096;   // elements per task of an elementwise (dense) update
 
-int worker_threads() { return std::min(2, std::max(1, MKL_Get_Max_Threads())); }
+int team_size() { return std::max(1, std::min(kMaxThreads, MKL_Get_Max_Threads())); }
 
-// One helper thread for the whole process, started on first use and parked on a condition
-// variable between jobs: starting a thread per job (and MKL's per-thread set-up on its first
-// call) costs tens of microseconds, a wake-up a few.
-class Helper {
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Helper threads for the whole process, started on first use. A job is a number of tasks that
+// threads claim one at a time from a shared counter; the caller claims too. A helper that is
+// not running (the machine is busy) simply claims nothing, and the caller waits only for tasks
+// already claimed — never for a thread to wake up. Between jobs helpers spin for a short while
+// (a step has several parallel phases a few microseconds apart; waking a parked thread costs
+// tens of microseconds), then park on a condition variable.
+class Team {
  public:
-  static Helper& get() {
-    static Helper* helper = new Helper();  // never destroyed: the parked thread ends with the process
-    return *helper;
+  static Team& get() {
+    static Team* team = new Team();  // never destroyed: parked threads end with the process
+    return *team;
   }
-  // run job() on the helper thread while the caller does its own part; returns when both are done
-  template <class Mine>
-  void run_with(const std::function<void()>& job, Mine mine) {
+  // threads that may run tasks: helpers started so far plus the caller (member ids 0 .. this - 1)
+  int capacity() const { return started_ + 1; }
+  // start helpers so that `members` threads may share the next jobs
+  void ensure(int members) {
     std::lock_guard<std::mutex> one_caller(caller_);
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      job_ = &job;
-      ++posted_;
+    while (started_ < members - 1) {
+      // a new thread waits for the job after the current one, however late it starts
+      const int id = ++started_;
+      const uint64_t current = generation_.load(std::memory_order_relaxed);
+      std::thread([this, id, current] { loop(id, current); }).detach();
     }
-    wake_.notify_one();
-    mine();
-    std::unique_lock<std::mutex> lock(m_);
-    done_.wait(lock, [&] { return finished_ == posted_; });
+  }
+
+  // work(task, member) for every task in [0, tasks), on up to `members` threads (the caller is
+  // member 0); returns when all tasks are done
+  void run(int members, int64_t tasks, const std::function<void(int64_t, int)>& work) {
+    std::lock_guard<std::mutex> one_caller(caller_);
+    const uint64_t job = generation_.load(std::memory_order_relaxed) + 1;
+    work_ = &work;
+    tasks_.store(tasks, std::memory_order_relaxed);
+    members_.store(members, std::memory_order_relaxed);
+    finished_.store(0, std::memory_order_relaxed);
+    claim_.store(job << 32, std::memory_order_release);
+    generation_.store(job, std::memory_order_release);
+    if (parked_.load(std::memory_order_acquire) > 0) {
+      { std::lock_guard<std::mutex> lock(m_); }  // a helper between its check and its wait sees the change
+      wake_.notify_all();
+    }
+    const int64_t mine = drain(job, 0);
+    for (int spins = 0; finished_.load(std::memory_order_acquire) + mine < tasks; ++spins) {
+      if (spins < 4096)
+        cpu_relax();
+      else
+        std::this_thread::yield();
+    }
   }
 
  private:
-  Helper() : thread_([this] { loop(); }) { thread_.detach(); }
-  void loop() {
-    MKL_Set_Num_Threads_Local(1);
-    uint64_t seen = 0;
+  // claim and run tasks of `job` until none is left; returns how many this thread ran
+  int64_t drain(uint64_t job, int member) {
+    int64_t ran = 0;
     for (;;) {
-      std::unique_lock<std::mutex> lock(m_);
-      wake_.wait(lock, [&] { return posted_ != seen; });
-      seen = posted_;
-      const std::function<void()>* job = job_;
-      lock.unlock();
-      (*job)();
-      lock.lock();
-      finished_ = seen;
-      lock.unlock();
-      done_.notify_one();
+      uint64_t c = claim_.load(std::memory_order_acquire);
+      if ((c >> 32) != job || (int64_t)(c & 0xffffffffu) >= tasks_.load(std::memory_order_relaxed)) break;
+      // a successful claim of an unclaimed task of `job` proves the job is still running: work_
+      // is its function (a stale tasks_ read only lets a claim be tried, which then fails)
+      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
+      (*work_)((int64_t)(c & 0xffffffffu), member);
+      ++ran;
+    }
+    return ran;
+  }
+  void loop(int id, uint64_t seen) {
+    MKL_Set_Num_Threads_Local(1);
+    for (;;) {
+      uint64_t now;
+      auto since = std::chrono::steady_clock::now();
+      for (int spins = 1; (now = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() - since > std::chrono::microseconds(200)) {
+          std::unique_lock<std::mutex> lock(m_);
+          parked_.fetch_add(1, std::memory_order_acq_rel);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          parked_.fetch_sub(1, std::memory_order_acq_rel);
+        } else {
+          cpu_relax();
+        }
+      }
+      seen = now;
+      if (id < members_.load(std::memory_order_relaxed)) {
+        const int64_t ran = drain(now, id);
+        if (ran) finished_.fetch_add(ran, std::memory_order_acq_rel);
+      }
     }
   }
   std::mutex caller_, m_;
-  std::condition_variable wake_, done_;
-  const std::function<void()>* job_ = nullptr;
-  uint64_t posted_ = 0, finished_ = 0;
-  std::thread thread_;
+  std::condition_variable wake_;
+  const std::function<void(int64_t, int)>* work_ = nullptr;
+  std::atomic<int64_t> tasks_{0};
+  std::atomic<int> members_{0};
+  int started_ = 0;
+  std::atomic<uint64_t> generation_{0}, claim_{0};
+  std::atomic<int64_t> finished_{0};
+  std::atomic<int> parked_{0};
 };
 
+// task(t, member) for t in [0, tasks) on up to `members` threads; member < Team capacity()
 template <class F>
-void split_two(bool parallel, int64_t size, F work) {
-  if (!parallel || size < 2) {
-    work(0, size);
+void parallel_for(int members, int64_t tasks, F task) {
+  if (tasks <= 0) return;
+  if (members <= 1 || tasks == 1) {
+    for (int64_t t = 0; t < tasks; ++t) task(t, 0);
     return;
   }
-  const int64_t half = size / 2;
-  const std::function<void()> second = [&] { work(half, size); };
-  Helper::get().run_with(second, [&] { work(0, half); });
-}
-
-// gemm with the rows of C (split_rows) or its columns split between two threads
-void gemm_split(bool parallel, bool split_rows, bool ta, bool tb, int m, int n, int k, const float* a, int lda,
-                const float* b, int ldb, float* c, int ldc, float beta = 0.f) {
-  parallel = parallel && 2.0 * m * n * k >= kParallelFlops;
-  if (split_rows) {
-    split_two(parallel, m, [&](int64_t lo, int64_t hi) {
-      const float* a_part = ta ? a + lo : a + lo * lda;
-      gemm(ta, tb, (int)(hi - lo), n, k, a_part, lda, b, ldb, c + lo * ldc, ldc, beta);
-    });
-  } else {
-    split_two(parallel, n, [&](int64_t lo, int64_t hi) {
-      const float* b_part = tb ? b + lo * ldb : b + lo;
-      gemm(ta, tb, m, (int)(hi - lo), k, a, lda, b_part, ldb, c + lo, ldc, beta);
-    });
-  }
+  const std::function<void(int64_t, int)> work = [&](int64_t t, int m) { task(t, m); };
+  Team::get().run(std::min<int64_t>(members, tasks), tasks, work);
 }
 
 // splitmix64: a small, fast generator for dropout masks
@@ -177,39 +224,65 @@ void dropout(float* x, float* mask, int64_t size, float p, Rng& rng) {
 
 float* mut(const paddle::Tensor& t) { return const_cast<float*>(t.data<float>()); }
 
-// Gradient rows of an item-indexed parameter, summed per distinct row (the update is not
-// linear in the gradient, so repeated rows must be merged first, as the official code does).
-struct SparseGrad {
+// Gradient rows of an item-indexed parameter, coming from several sources (output columns,
+// inputs) and merged per distinct item before the update: the update is not linear in the
+// gradient, so repeated rows must be summed first, as the official code does. The sources of an
+// item are summed in the order they were added, by whichever thread updates that item, so the
+// result does not depend on the thread count.
+struct SparseRows {
   int width = 0;
-  std::vector<int32_t> slot_of;  // item -> slot in rows/grad, or -1; reset after each step
-  std::vector<int64_t> rows;
-  std::vector<float> grad;
+  std::vector<int32_t> slot_of;        // item -> slot, or -1 (reset by clear())
+  std::vector<int64_t> items;          // slot -> item
+  std::vector<int32_t> source_slot;    // per source: its slot
+  std::vector<const float*> sources;   // per source: its gradient row (width floats)
+  std::vector<int32_t> start, order, cursor;  // sources of slot s: order[start[s] .. start[s + 1])
 
-  void init(int64_t n_items, int w) {
+  void begin(int64_t n_items, int w) {
     width = w;
     if ((int64_t)slot_of.size() != n_items) slot_of.assign(n_items, -1);
-    rows.clear();
-    grad.clear();
+    clear();
   }
-  float* row(int64_t item) {
+  void add(int64_t item, const float* grad) {
     int32_t s = slot_of[item];
     if (s < 0) {
-      s = slot_of[item] = (int32_t)rows.size();
-      rows.push_back(item);
-      grad.resize(grad.size() + width, 0.f);
+      s = slot_of[item] = (int32_t)items.size();
+      items.push_back(item);
     }
-    return grad.data() + (int64_t)s * width;
+    source_slot.push_back(s);
+    sources.push_back(grad);
   }
-  void add(int64_t item, const float* g, float scale = 1.f) {
-    float* dst = row(item);
-    for (int k = 0; k < width; ++k) dst[k] += scale * g[k];
+  // a stable counting sort of the sources by slot
+  void finish() {
+    const int64_t n_slots = (int64_t)items.size();
+    start.assign(n_slots + 1, 0);
+    for (int32_t s : source_slot) ++start[s + 1];
+    for (int64_t s = 0; s < n_slots; ++s) start[s + 1] += start[s];
+    cursor.assign(start.begin(), start.end() - 1);
+    order.resize(source_slot.size());
+    for (size_t k = 0; k < source_slot.size(); ++k) order[cursor[source_slot[k]]++] = (int32_t)k;
+  }
+  // the gradient of slot s: a source row itself when it has one source, else the sum into `sum`
+  const float* gradient(int64_t s, float* sum) const {
+    const int32_t lo = start[s], hi = start[s + 1];
+    if (hi - lo == 1) return sources[order[lo]];
+    std::memcpy(sum, sources[order[lo]], sizeof(float) * width);
+    for (int32_t k = lo + 1; k < hi; ++k) {
+      const float* g = sources[order[k]];
+      for (int c = 0; c < width; ++c) sum[c] += g[c];
+    }
+    return sum;
   }
   void clear() {
-    for (int64_t r : rows) slot_of[r] = -1;
-    rows.clear();
-    grad.clear();
+    for (int64_t item : items) slot_of[item] = -1;
+    items.clear();
+    source_slot.clear();
+    sources.clear();
   }
 };
+
+inline void prefetch_row(const float* row, int width) {
+  for (int c = 0; c < width; c += 16) __builtin_prefetch(row + c);
+}
 
 struct Update {
   int kind;
@@ -268,13 +341,22 @@ struct Layer {
 };
 
 struct Scratch {
-  std::vector<float> prev_hidden, next_hidden, h_in, x0, mask0, out_rows, out_bias, scores, tmp, shift, d_x,
+  std::vector<float> prev_hidden, next_hidden, h_in, x0, mask0, out_rows, out_bias, scores, shift, d_x, d_x_tiles,
       d_out_rows, d_bias, d_prev;
   std::vector<int64_t> cols;
   std::vector<float> weights;  // copies per output column (negatives drawn more than once)
   std::vector<double> row_loss;
   std::vector<int32_t> sample_slot;  // item -> its column among this step's negatives, or -1
-  SparseGrad item_emb, item_bias, input_emb;
+  std::vector<std::vector<float>> member_tmp;  // per thread: loss-row scratch, then a gradient row
+  SparseRows item_emb, item_bias, input_emb;
+};
+
+// One piece of the update: a chunk of a dense parameter, or a block of a sparse one's rows.
+struct UpdateTask {
+  const Param* param;
+  const float* grad;   // dense: the whole gradient; sparse: null
+  SparseRows* rows;    // sparse: the gathered rows; dense: null
+  int64_t lo, hi;      // dense: element range; sparse: slot range
 };
 
 void check_ids(const int64_t* ids, int64_t n, int64_t n_items, const char* what) {
@@ -502,9 +584,11 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
                                               int embedding, int loss_kind, int optimizer, int batch_size,
                                               float dropout_embed, float dropout_hidden, float logq, float sample_alpha,
                                               float bpreg, float elu, float lr, float momentum, int64_t seed) {
-  // MKL runs single-threaded; large products and the loss rows are split between two threads
-  // by output (split_two), which keeps training reproducible from the seed.
-  const bool parallel = worker_threads() > 1;
+  // Every thread runs single-threaded MKL on its own tiles (see Team): reproducible from the seed
+  // whatever the thread count.
+  const int members = team_size();
+  Team::get().ensure(members);
+  const int capacity = Team::get().capacity();  // per-thread scratch: one per possible member id
   MklThreads one_thread(1);
   static thread_local std::vector<Layer> layers;
   Net net = parse_net(params, embedding, layers, /*with_grads=*/true);
@@ -539,10 +623,11 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
   static thread_local Scratch scratch;
   Scratch& sc = scratch;  // a lambda naming a thread_local would see the helper thread's own copy
   if ((int64_t)sc.sample_slot.size() != n_items) sc.sample_slot.assign(n_items, -1);
-  sc.item_emb.init(n_items, d);
-  sc.item_bias.init(n_items, 1);
-  if (separate) sc.input_emb.init(n_items, in0);
-  if (one_hot) sc.input_emb.init(n_items, 3 * layers[0].h);
+  sc.item_emb.begin(n_items, d);
+  sc.item_bias.begin(n_items, 1);
+  if (separate) sc.input_emb.begin(n_items, in0);
+  if (one_hot) sc.input_emb.begin(n_items, 3 * layers[0].h);
+  sc.member_tmp.resize(capacity);
 
   int64_t prev_rows = hidden.numel() ? hidden.shape()[0] : 0;
   PD_CHECK(prev_rows == 0 || hidden.shape()[1] == total_h, "hidden state width mismatch");
@@ -552,8 +637,23 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
   float* loss_out = losses.data<float>();
   Rng rng((uint64_t)seed * 0x2545F4914F6CDD1DULL + 0x1234567ULL);
   const float scale = 1.f / (float)batch_size;
-  Update upd{optimizer, lr, momentum};
+  const Update upd{optimizer, lr, momentum};
   int64_t rows = 0;
+
+  // the dense part of the update: every GRU parameter in chunks (the gradients are per layer)
+  std::vector<UpdateTask> tasks;
+  auto add_dense = [&](int index, const std::vector<float>& grad) {
+    for (int64_t lo = 0; lo < p[index].size; lo += kChunk)
+      tasks.push_back({&p[index], grad.data(), nullptr, lo, std::min(p[index].size, lo + kChunk)});
+  };
+  for (int l = 0; l < n_layers; ++l) {
+    Layer& L = layers[l];
+    if (!(one_hot && l == 0)) add_dense(L.w_ih, L.d_w_ih);
+    add_dense(L.w_hh, L.d_w_hh);
+    add_dense(L.b_ih, L.d_b_ih);
+    add_dense(L.b_hh, L.d_b_hh);
+  }
+  const size_t n_dense_tasks = tasks.size();
 
   for (int64_t s = 0; s < n_steps; ++s) {
     const int64_t lo = offs[s];
@@ -601,6 +701,7 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
         weights = sc.weights.data();
       }
     }
+    const int64_t n_tiles = (cols + kColTile - 1) / kColTile;
 
     // carried hidden state [n, total_h]
     sc.next_hidden.assign((int64_t)n * total_h, 0.f);
@@ -647,35 +748,46 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
       h_off += h;
     }
 
-    // scores [n, cols] = x @ out_rows^T + bias
+    // ---- scores [n, cols] = x @ out_rows^T, per column tile (the bias is added with the loss) ----
     sc.out_rows.resize(cols * d);
     sc.out_bias.resize(cols);
-    for (int64_t j = 0; j < cols; ++j) {
-      std::memcpy(&sc.out_rows[j * d], p[item_emb].value + sc.cols[j] * d, sizeof(float) * d);
-      sc.out_bias[j] = p[item_bias].value[sc.cols[j]];
-    }
     sc.scores.resize((int64_t)n * cols);
-    gemm_split(parallel, false, false, true, n, (int)cols, d, x, d, sc.out_rows.data(), d, sc.scores.data(),
-               (int)cols);
+    {
+      const float* emb = p[item_emb].value;
+      const float* bias = p[item_bias].value;
+      const int64_t* col_items = sc.cols.data();
+      float* out_rows = sc.out_rows.data();
+      float* out_bias = sc.out_bias.data();
+      float* scores = sc.scores.data();
+      parallel_for(members, n_tiles, [&](int64_t t, int) {
+        const int64_t j0 = t * kColTile, j1 = std::min(cols, j0 + kColTile);
+        // the rows are scattered over the item matrix: ask for the next ones while copying
+        for (int64_t j = j0; j < std::min(j1, j0 + 4); ++j) prefetch_row(emb + col_items[j] * d, d);
+        for (int64_t j = j0; j < j1; ++j) {
+          if (j + 4 < j1) prefetch_row(emb + col_items[j + 4] * d, d);
+          std::memcpy(out_rows + j * d, emb + col_items[j] * d, sizeof(float) * d);
+          out_bias[j] = bias[col_items[j]];
+        }
+        gemm(false, true, n, (int)(j1 - j0), d, x, d, out_rows + j0 * d, d, scores + j0, (int)cols);
+      });
+    }
 
-    // ---- loss and d(loss)/d(scores), in place ----
+    // ---- loss and d(loss)/d(scores), in place, per row ----
     // per column: the item bias, less logq * log(sampling weight) for cross-entropy with logQ
     sc.shift.assign(sc.out_bias.begin(), sc.out_bias.end());
     if (loss_kind == kCrossEntropy && logq > 0)
       for (int64_t j = 0; j < cols; ++j)
         sc.shift[j] -= logq * (j < n ? 1.f : sample_alpha) * log_sup[sc.cols[j]];
     const float* offset = sc.shift.data();
-    sc.tmp.resize(10 * cols);  // two threads' scratch rows
+    for (int m = 0; m < capacity; ++m) sc.member_tmp[m].resize(std::max<int64_t>(5 * cols, 3 * total_h + in0 + d));
     sc.row_loss.resize(n);
-    split_two(parallel && (double)n * cols >= kParallelFlops / 100, n, [&](int64_t lo, int64_t hi) {
-      float* tmp = sc.tmp.data() + (lo == 0 ? 0 : 5 * cols);
-      for (int64_t i = lo; i < hi; ++i) {
-        float* row = &sc.scores[i * cols];
-        const int64_t target = full ? t_ids[i] : i;
-        sc.row_loss[i] = (loss_kind == kCrossEntropy || full)
-                             ? cross_entropy_row(row, cols, target, offset, weights, tmp, scale)
-                             : ranking_row(loss_kind, row, cols, target, offset, elu, bpreg, weights, tmp, scale);
-      }
+    parallel_for(members, n, [&](int64_t i, int m) {
+      float* tmp = sc.member_tmp[m].data();
+      float* row = &sc.scores[i * cols];
+      const int64_t target = full ? t_ids[i] : i;
+      sc.row_loss[i] = (loss_kind == kCrossEntropy || full)
+                           ? cross_entropy_row(row, cols, target, offset, weights, tmp, scale)
+                           : ranking_row(loss_kind, row, cols, target, offset, elu, bpreg, weights, tmp, scale);
     });
     double loss = 0;
     for (int i = 0; i < n; ++i) loss += sc.row_loss[i];
@@ -686,24 +798,46 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
       break;
     }
 
-    // ---- backward ----
-    const float* ds = sc.scores.data();
+    // ---- backward through the scores, per column tile ----
+    // d_out_rows[tile] = ds[:, tile]^T x, d_bias[tile] = column sums of ds, and this tile's part
+    // of d_x = ds[:, tile] out_rows[tile]; the parts are summed in tile order below.
     const int d_last = layers[n_layers - 1].h;
-    sc.d_x.resize((int64_t)n * d_last);
-    gemm_split(parallel, true, false, false, n, d_last, (int)cols, ds, (int)cols, sc.out_rows.data(), d,
-               sc.d_x.data(), d_last);
+    const int64_t nd = (int64_t)n * d_last;
     sc.d_out_rows.resize(cols * d);
-    gemm_split(parallel, true, true, false, (int)cols, d, n, ds, (int)cols, x, d, sc.d_out_rows.data(), d);
-    sc.d_bias.assign(cols, 0.f);
-    for (int i = 0; i < n; ++i) {
-      const float* row = ds + (int64_t)i * cols;
-      for (int64_t j = 0; j < cols; ++j) sc.d_bias[j] += row[j];
+    sc.d_bias.resize(cols);
+    sc.d_x_tiles.resize(n_tiles * nd);
+    sc.d_x.resize(nd);
+    {
+      const float* ds = sc.scores.data();
+      parallel_for(members, n_tiles, [&](int64_t t, int) {
+        const int64_t j0 = t * kColTile, j1 = std::min(cols, j0 + kColTile);
+        const int w = (int)(j1 - j0);
+        gemm(true, false, w, d, n, ds + j0, (int)cols, x, d, &sc.d_out_rows[j0 * d], d);
+        float* db = &sc.d_bias[j0];
+        std::memcpy(db, ds + j0, sizeof(float) * w);
+        for (int i = 1; i < n; ++i) {
+          const float* row = ds + (int64_t)i * cols + j0;
+          for (int j = 0; j < w; ++j) db[j] += row[j];
+        }
+        gemm(false, false, n, d_last, w, ds + j0, (int)cols, &sc.out_rows[j0 * d], d, &sc.d_x_tiles[t * nd], d_last);
+      });
+      const int64_t chunks = (nd + kChunk - 1) / kChunk;
+      parallel_for(members, chunks, [&](int64_t c, int) {
+        const int64_t e0 = c * kChunk, e1 = std::min(nd, e0 + kChunk);
+        float* dx = sc.d_x.data();
+        std::memcpy(dx + e0, sc.d_x_tiles.data() + e0, sizeof(float) * (e1 - e0));
+        for (int64_t t = 1; t < n_tiles; ++t) {
+          const float* part = sc.d_x_tiles.data() + t * nd;
+          for (int64_t e = e0; e < e1; ++e) dx[e] += part[e];
+        }
+      });
     }
     for (int64_t j = 0; j < cols; ++j) {
       sc.item_emb.add(sc.cols[j], &sc.d_out_rows[j * d]);
       sc.item_bias.add(sc.cols[j], &sc.d_bias[j]);
     }
 
+    // ---- backward through the GRU layers ----
     std::vector<float>& d_out = sc.d_x;  // gradient w.r.t. the current layer's (dropped-out) output
     for (int l = n_layers - 1; l >= 0; --l) {
       Layer& L = layers[l];
@@ -755,31 +889,47 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
     if (!one_hot) {
       if (dropout_embed > 0)
         for (int64_t e = 0; e < (int64_t)n * in0; ++e) d_out[e] *= sc.mask0[e];
-      SparseGrad& table = separate ? sc.input_emb : sc.item_emb;
+      SparseRows& table = separate ? sc.input_emb : sc.item_emb;
       for (int i = 0; i < n; ++i) table.add(x_ids[i], &d_out[(int64_t)i * in0]);
     }
 
-    // ---- update: dense GRU matrices, then the touched rows of the item matrices ----
-    for (int l = 0; l < n_layers; ++l) {
-      Layer& L = layers[l];
-      if (!(one_hot && l == 0)) upd.apply(p[L.w_ih].value, L.d_w_ih.data(), p[L.w_ih].acc, p[L.w_ih].mom, p[L.w_ih].size);
-      upd.apply(p[L.w_hh].value, L.d_w_hh.data(), p[L.w_hh].acc, p[L.w_hh].mom, p[L.w_hh].size);
-      upd.apply(p[L.b_ih].value, L.d_b_ih.data(), p[L.b_ih].acc, p[L.b_ih].mom, p[L.b_ih].size);
-      upd.apply(p[L.b_hh].value, L.d_b_hh.data(), p[L.b_hh].acc, p[L.b_hh].mom, p[L.b_hh].size);
-    }
-    auto sparse_update = [&](SparseGrad& g, const Param& q) {
-      const int w = g.width;
-      for (size_t k = 0; k < g.rows.size(); ++k) {
-        const int64_t off = g.rows[k] * w;
-        upd.apply(q.value + off, g.grad.data() + k * w, q.acc ? q.acc + off : nullptr, q.mom ? q.mom + off : nullptr,
-                  w);
-      }
-      g.clear();
+    // ---- update: dense GRU chunks and blocks of touched item rows, all threads at once ----
+    tasks.resize(n_dense_tasks);
+    auto add_sparse = [&](SparseRows& g, const Param& q) {
+      g.finish();
+      const int64_t block = std::max<int64_t>(1, kChunk / g.width);
+      for (int64_t lo = 0; lo < (int64_t)g.items.size(); lo += block)
+        tasks.push_back({&q, nullptr, &g, lo, std::min<int64_t>(g.items.size(), lo + block)});
     };
-    sparse_update(sc.item_emb, p[item_emb]);
-    sparse_update(sc.item_bias, p[item_bias]);
-    if (separate) sparse_update(sc.input_emb, p[0]);
-    if (one_hot) sparse_update(sc.input_emb, p[layers[0].w_ih]);
+    add_sparse(sc.item_emb, p[item_emb]);
+    add_sparse(sc.item_bias, p[item_bias]);
+    if (separate) add_sparse(sc.input_emb, p[0]);
+    if (one_hot) add_sparse(sc.input_emb, p[layers[0].w_ih]);
+    parallel_for(members, (int64_t)tasks.size(), [&](int64_t k, int m) {
+      const UpdateTask& task = tasks[k];
+      const Param& q = *task.param;
+      if (task.rows == nullptr) {
+        const int64_t o = task.lo, len = task.hi - task.lo;
+        upd.apply(q.value + o, task.grad + o, q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, len);
+        return;
+      }
+      const SparseRows& g = *task.rows;
+      const int w = g.width;
+      float* sum = sc.member_tmp[m].data();
+      for (int64_t r = task.lo; r < task.hi; ++r) {
+        if (r + 2 < task.hi) {
+          const int64_t ahead = g.items[r + 2] * w;
+          prefetch_row(q.value + ahead, w);
+          if (q.acc) prefetch_row(q.acc + ahead, w);
+          if (q.mom) prefetch_row(q.mom + ahead, w);
+        }
+        const int64_t o = g.items[r] * w;
+        upd.apply(q.value + o, g.gradient(r, sum), q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, w);
+      }
+    });
+    sc.item_emb.clear();
+    sc.item_bias.clear();
+    if (separate || one_hot) sc.input_emb.clear();
 
     sc.prev_hidden.swap(sc.next_hidden);
     prev_rows = n;
@@ -799,14 +949,17 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
                                              const paddle::Tensor& step_offsets, const paddle::Tensor& inputs,
                                              const paddle::Tensor& targets, const paddle::Tensor& carry,
                                              const paddle::Tensor& score_mask, int embedding, int topk) {
-  const bool parallel = worker_threads() > 1;
+  const int members = team_size();
+  Team::get().ensure(members);
+  const int capacity = Team::get().capacity();
   MklThreads one_thread(1);
   static thread_local std::vector<Layer> layers;
-  static thread_local std::vector<float> prev_hidden, next_hidden, h_in, x0, scores_buffer, base_buffer;
-  // what the helper thread's lambdas use must be named through references: a lambda naming a
+  static thread_local std::vector<float> prev_hidden, next_hidden, h_in, x0, base_buffer;
+  static thread_local std::vector<std::vector<float>> member_scores;  // per thread: a row tile's scores
+  // what the helper threads' lambdas use must be named through references: a lambda naming a
   // thread_local directly would see the helper thread's own (empty) copy
-  std::vector<float>& scores = scores_buffer;
   std::vector<float>& base = base_buffer;
+  std::vector<std::vector<float>>& tile_scores = member_scores;
   Net net = parse_net(params, embedding, layers, /*with_grads=*/false);
   const int64_t n_items = net.n_items;
   const int d = net.d, total_h = net.total_h, in0 = net.in0;
@@ -876,23 +1029,28 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
       x_width = L.h;
       h_off += L.h;
     }
-    // products only: bias + mask (`base`, small enough to stay in cache) is added while ranking,
-    // instead of being copied into every row first
-    scores.resize((int64_t)n * n_items);
-    gemm_split(parallel, false, false, true, n, (int)n_items, d, x, d, net.p[net.item_emb].value, d, scores.data(),
-               (int)n_items);
     // where each row's result goes: its target's slot, or its ended session's slot
     slot.resize(n);
     for (int i = 0; i < n; ++i) slot[i] = tg_ids[lo + i] >= 0 ? t_out++ : e_out++;
-    split_two(parallel && (double)n * n_items >= 1e5, n, [&](int64_t r0, int64_t r1) {
+    // per tile of kEvalRows rows: the products only (bias + mask, `base`, small enough to stay in
+    // cache, is added while ranking instead of being copied into every row first), then the ranks
+    const int64_t row_tiles = (n + kEvalRows - 1) / kEvalRows;
+    const int used = (int)std::min<int64_t>(members, row_tiles);
+    tile_scores.resize(capacity);
+    for (int m = 0; m < (used > 1 ? capacity : 1); ++m) tile_scores[m].resize(kEvalRows * n_items);
+    const float* item_matrix = net.p[net.item_emb].value;
+    parallel_for(members, row_tiles, [&](int64_t t, int m) {
+      const int64_t r0 = t * kEvalRows, r1 = std::min<int64_t>(n, r0 + kEvalRows);
+      float* scores = tile_scores[m].data();
+      gemm(false, true, (int)(r1 - r0), (int)n_items, d, x + r0 * d, d, item_matrix, d, scores, (int)n_items);
       std::vector<int64_t> best_ids(k);
       std::vector<float> best_scores(k);
       for (int64_t i = r0; i < r1; ++i) {
-        float* row = &scores[i * n_items];
+        float* row = &scores[(i - r0) * n_items];
         const float* b = base.data();
-        const int64_t t = tg_ids[lo + i];
-        if (t >= 0) {
-          const float ts = row[t] + b[t];
+        const int64_t t_id = tg_ids[lo + i];
+        if (t_id >= 0) {
+          const float ts = row[t_id] + b[t_id];
           if (std::isnan(ts)) {  // reported by the caller, which knows what to tell the user
             higher[slot[i]] = -1;
             equal[slot[i]] = 0;
@@ -934,17 +1092,53 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
   return {higher_t, equal_t, topk_ids_t, topk_scores_t, hidden_out};
 }
 
+namespace {
+
+// The operators' attributes, in order; csrc/kernel.py lists the same names (checked at load).
+const std::vector<std::string> kTrainAttrs = {
+    "embedding: int", "loss_kind: int", "optimizer: int", "batch_size: int", "dropout_embed: float",
+    "dropout_hidden: float", "logq: float", "sample_alpha: float", "bpreg: float", "elu: float", "lr: float",
+    "momentum: float", "seed: int64_t"};
+const std::vector<std::string> kEvalAttrs = {"embedding: int", "topk: int"};
+
+std::string attr_names(const std::vector<std::string>& attrs) {
+  std::string out;
+  for (const std::string& a : attrs) out += (out.empty() ? "" : ",") + a.substr(0, a.find(':'));
+  return out;
+}
+
+}  // namespace
+
+// This library's codes and attributes as text, for csrc/kernel.py to compare with its own table.
+std::vector<paddle::Tensor> Gru4recLayout(const paddle::Tensor&) {
+  char eps[32];
+  std::snprintf(eps, sizeof(eps), "%g", (double)kAdagradEps);
+  const std::string text =
+      "embedding:shared=" + std::to_string(kShared) + ",separate=" + std::to_string(kSeparate) +
+      ",none=" + std::to_string(kOneHot) + ";loss:cross-entropy=" + std::to_string(kCrossEntropy) +
+      ",bpr-max=" + std::to_string(kBprMax) + ",top1-max=" + std::to_string(kTop1Max) +
+      ",full_softmax=" + std::to_string(kFullSoftmax) + ";optimizer:adagrad=" + std::to_string(kAdagrad) +
+      ",sgd=" + std::to_string(kSgd) + ";adagrad_eps:" + eps + ";train_attrs:" + attr_names(kTrainAttrs) +
+      ";eval_attrs:" + attr_names(kEvalAttrs);
+  auto out = paddle::empty({(int64_t)text.size()}, paddle::DataType::UINT8, paddle::CPUPlace());
+  std::memcpy(out.data<uint8_t>(), text.data(), text.size());
+  return {out};
+}
+
 PD_BUILD_OP(gru4rec_train_steps)
     .Inputs({paddle::Vec("Params"), paddle::Vec("Slots"), "Hidden", "StepOffsets", "Inputs", "Targets", "Carry",
              "Samples", "LogSupport"})
     .Outputs({"Losses", "HiddenOut"})
-    .Attrs({"embedding: int", "loss_kind: int", "optimizer: int", "batch_size: int", "dropout_embed: float",
-            "dropout_hidden: float", "logq: float", "sample_alpha: float", "bpreg: float", "elu: float", "lr: float",
-            "momentum: float", "seed: int64_t"})
+    .Attrs(std::vector<std::string>(kTrainAttrs))
     .SetKernelFn(PD_KERNEL(Gru4recTrainSteps));
 
 PD_BUILD_OP(gru4rec_eval_steps)
     .Inputs({paddle::Vec("Params"), "Hidden", "StepOffsets", "Inputs", "Targets", "Carry", "ScoreMask"})
     .Outputs({"Higher", "Equal", "TopkIds", "TopkScores", "HiddenOut"})
-    .Attrs({"embedding: int", "topk: int"})
+    .Attrs(std::vector<std::string>(kEvalAttrs))
     .SetKernelFn(PD_KERNEL(Gru4recEvalSteps));
+
+PD_BUILD_OP(gru4rec_layout)
+    .Inputs({"Unused"})
+    .Outputs({"Text"})
+    .SetKernelFn(PD_KERNEL(Gru4recLayout));

@@ -1,111 +1,44 @@
-"""Checkpoints and inference models on disk, written so that a kill never leaves a broken one.
+"""Training checkpoints on disk, written so that a kill never leaves a broken one.
 
 Layout: `<root>/<epoch>/` holds
     model.pdparams   the network's state_dict (paddle.save)
     optimizer.pdopt  the optimizer's state (named tensors)
     meta.json        epoch, data info, model signature, hyper_parameters — written last
-Inference models: `<root>/<epoch>/` holds model.json + model.pdiparams (paddle.jit.save),
-io.json (input/output names in order) and vocab.txt when the item ids have labels.
+(Inference models have their own layout: paddlerec/export.py.)
 
 Everything is written into a hidden temporary folder next to the target and renamed into
-place only when complete; a folder without meta.json/io.json is never picked up.
+place only when complete (paddlerec/files.atomic_folder); a folder without meta.json is never
+picked up.
 """
 
-import errno
 import json
 import logging
 import os
-import shutil
 import time
 
 import paddle
 
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError
+from .files import atomic_folder, save_error, write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 META = "meta.json"
-IO = "io.json"
-
-
-class SaveError(UserError):
-    exit_code = 1
-    prefix = "save error"
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path, value):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_folder(root, name, fill):
-    """Create `<root>/<name>/` by calling fill(tmp_folder) and renaming; replaces an old one."""
-    try:
-        os.makedirs(root, exist_ok=True)
-        tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
-        _remove_leftovers(root, name, "tmp")
-        os.makedirs(tmp)
-        fill(tmp)
-        for entry in os.listdir(tmp):
-            path = os.path.join(tmp, entry)
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        final = os.path.join(root, name)
-        old = None
-        if os.path.exists(final):
-            old = os.path.join(root, f".old-{name}-{os.getpid()}")
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-        _remove_leftovers(root, name, "old")
-        return final
-    except OSError as exc:
-        shutil.rmtree(os.path.join(root, f".tmp-{name}-{os.getpid()}"), ignore_errors=True)
-        hint = "free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions"
-        raise SaveError(f"cannot write {os.path.join(root, name)}: {exc.strerror or exc}; {hint}. "
-                        f"Earlier checkpoints are untouched.") from None
-
-
-def _remove_leftovers(root, name, kind):
-    """A process killed while saving `name` left `.tmp-<name>-<pid>` (or, killed while replacing
-    it, `.old-<name>-<pid>`) behind, never picked up as a checkpoint; saving `name` again is the
-    moment to reclaim the space (the .old copy only once the new one is in place)."""
-    for entry in os.listdir(root):
-        if entry.startswith(f".{kind}-{name}-"):
-            log.info("removing %s, left by an interrupted save", os.path.join(root, entry))
-            shutil.rmtree(os.path.join(root, entry))
 
 
 def save_checkpoint(root, epoch, model, meta):
-    """Write checkpoint `<root>/<epoch>`; meta (JSON-able) gets epoch and signature added."""
+    """Write checkpoint `<root>/<epoch>`; meta (JSON-able) gets epoch and signature added.
+    Raises SaveError (e.g. a full disk); the checkpoints saved before are untouched then."""
     def fill(tmp):
         paddle.save(model.network.state_dict(), os.path.join(tmp, "model.pdparams"))
         paddle.save(model.optimizer_state(), os.path.join(tmp, "optimizer.pdopt"))
-        _write_json(os.path.join(tmp, META), dict(meta, format=FORMAT, epoch=epoch, signature=model.signature(),
-                                                  saved_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
-    return atomic_folder(root, str(epoch), fill)
-
-
-from .export import write_export as export_inference  # kept until runners call export.write_export
+        write_json(os.path.join(tmp, META), dict(meta, format=FORMAT, epoch=epoch, signature=model.signature(),
+                                                 saved_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    try:
+        return atomic_folder(root, str(epoch), fill)
+    except OSError as exc:
+        raise save_error(os.path.join(root, str(epoch)), exc, ". Earlier checkpoints are untouched.") from None
 
 
 def is_checkpoint(path):

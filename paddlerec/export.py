@@ -35,6 +35,7 @@ from typing import List, Optional
 import numpy as np
 
 from .errors import CheckpointError, UserError
+from .files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,6 @@ def write_export(root, epoch, model, topk, labels, training=None, data=None):
     recorded as io.json's "training". data: the training data's contract.DataInfo; its
     fingerprint (events per item, vocab) is recorded as io.json's "data".
     """
-    # checkpoint holds the atomic folder writer until the file-utilities module exists
-    from .checkpoint import atomic_folder
-
     def fill(tmp):
         prefix = os.path.join(tmp, "model")
         io = _save_program(model, prefix, topk)

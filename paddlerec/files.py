@@ -2,9 +2,12 @@
 
 Everything is written under a hidden temporary name next to its target (a name starting with
 '.', which the readers skip: see rsc15_reader.list_data_files and checkpoint.list_checkpoints)
-and renamed over the target only once complete. The temporary is removed whatever happens —
-an exception in the caller's code, a full disk, or close() itself failing (a full disk often
-shows only there) — so a failed write leaves neither a half file nor a stray temporary.
+and renamed over the target only once complete and synced. The temporary is removed whatever
+happens — an exception in the caller's code, a full disk, or close()/fsync() itself failing
+(a full disk often shows only there) — so a failed write leaves neither a half file nor a
+stray temporary. A process killed outright (SIGKILL, power loss) cannot clean up: its
+temporaries carry its pid, and the next write next to them removes those whose process is
+gone (`remove_stale_temporaries`).
 
 Only the standard library: the data/ scripts use this module and must start fast.
 """
@@ -13,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 from contextlib import ExitStack, contextmanager
 
@@ -22,6 +26,12 @@ log = logging.getLogger(__name__)
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
+# `.<stem>.tmp-<pid><ext>` (a file; also the unhidden `<name>.tmp-<pid>[<ext>]` earlier versions
+# wrote) and `.tmp-<name>-<pid>` (a folder): the pid tells a live writer's temporary from one a
+# killed process left
+_TEMP_FILE = re.compile(r"^.+\.tmp-(\d+)(\.[A-Za-z0-9]+)?$")
+_TEMP_FOLDER = re.compile(r"^\.tmp-.+-(\d+)$")
+
 
 def temporary_name(path):
     """The hidden sibling `path` is written as: `dir/.<stem>.tmp-<pid><ext>` (the extension is
@@ -29,6 +39,40 @@ def temporary_name(path):
     folder, name = os.path.split(path)
     stem, ext = os.path.splitext(name)
     return os.path.join(folder, f".{stem}.tmp-{os.getpid()}{ext}")
+
+
+def _process_is_gone(pid):
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by someone else
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files and folders that killed processes left in `folder` (those of a
+    process still running are its business). Returns the names removed."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _TEMP_FILE.match(name) or _TEMP_FOLDER.match(name)
+        if not match or not _process_is_gone(int(match.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        log.info("removing %s, left by an interrupted write", path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _remove(path)
+        removed.append(name)
+    return removed
 
 
 def _remove(path):
@@ -43,12 +87,16 @@ def _remove(path):
 @contextmanager
 def atomic_paths(*paths):
     """Yield one temporary path per target; when the block ends without an exception each is
-    renamed over its target (in order), else nothing is. The temporaries never outlive the block."""
+    synced and renamed over its target (in order), else nothing is. The temporaries never
+    outlive the block."""
     temps = [temporary_name(path) for path in paths]
     try:
-        for path in paths:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        for folder in sorted({os.path.dirname(path) or "." for path in paths}):
+            os.makedirs(folder, exist_ok=True)
+            remove_stale_temporaries(folder)
         yield temps
+        for temp in temps:
+            _fsync_file(temp)
         for temp, path in zip(temps, paths):
             os.replace(temp, path)
     finally:
@@ -80,7 +128,13 @@ def write_json(path, value):
     write_text(path, json.dumps(value, indent=1, sort_keys=True))
 
 
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path):
+    """Make a rename in `path` durable; file systems that cannot sync a folder are left as they are."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -98,19 +152,19 @@ def atomic_folder(root, name, fill):
     it into place; an existing `<root>/<name>/` is replaced. Returns the final path; raises OSError.
 
     The temporary folder is `<root>/.tmp-<name>-<pid>`; a process killed while replacing leaves
-    `<root>/.old-<name>-<pid>`. Neither is ever read as a `<name>` folder; the next save of the
-    same name removes what an interrupted one left."""
+    `<root>/.old-<name>-<pid>`. Neither is ever read as a `<name>` folder; the next save next
+    to them removes the temporaries of processes that are gone, and the `.old-<name>-` copies
+    once `<name>` is in place again."""
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
     try:
-        _remove_leftovers(root, name, "tmp")
+        remove_stale_temporaries(root)
         os.makedirs(tmp)
         fill(tmp)
         for entry in os.listdir(tmp):
             path = os.path.join(tmp, entry)
             if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+                _fsync_file(path)
         final = os.path.join(root, name)
         old = None
         if os.path.exists(final):
@@ -120,15 +174,15 @@ def atomic_folder(root, name, fill):
         _fsync_dir(root)
         if old:
             shutil.rmtree(old, ignore_errors=True)
-        _remove_leftovers(root, name, "old")
+        _remove_old_copies(root, name)
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already renamed away unless something failed
 
 
-def _remove_leftovers(root, name, kind):
+def _remove_old_copies(root, name):
     for entry in os.listdir(root):
-        if entry.startswith(f".{kind}-{name}-"):
+        if entry.startswith(f".old-{name}-"):
             log.info("removing %s, left by an interrupted save", os.path.join(root, entry))
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 

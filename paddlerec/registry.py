@@ -4,12 +4,14 @@ A RunnerClass holds
     params   the keys a runner of the class takes (checked by paddlerec/config.py, listed in README)
     run      "module:function", function(ctx: RunContext, runner_name) -> None or StopMode
     check    optional "module:function", function(ctx, runner_name), run by paddlerec.mode.prepare
-             for every runner in `mode` before any of them starts; raises a UserError
+             for every runner in `mode` before any of them starts (and before any data is
+             read); raises a UserError
     trains   trains exactly one phase from the config's hyper_parameters (an infer runner reads
              them from each checkpoint instead; a class without a `phases` key reads no phase)
-Functions are named, not imported: they are looked up (importlib) only when a run needs them, so
-config validation, which needs this table, imports no runner code. A new runner class is one
-entry here plus its run function.
+Functions are named, not imported: paddlerec/mode.py looks them up (importlib) only when a run
+needs them, so config validation, which needs this table, imports no runner code, and no runner
+module imports the module that calls it. A new runner class is one entry here plus its run
+function (which trains and evaluates through paddlerec/loops.py).
 """
 
 import importlib
@@ -67,7 +69,7 @@ SERVE_PARAMS = (
     Param("threads", "int", 1, min=1, help="CPU threads of the predictor"),
 )
 
-# Distributed training (paddlerec/distributed.py): the train keys plus how to run the workers.
+# Distributed training (paddlerec/launch.py, paddlerec/worker.py): the train keys plus how to run the workers.
 DISTRIBUTED_PARAMS = (
     Param("distribute_strategy", "str", "collective", choices=("collective", "async", "sync", "half_async", "geo"),
           help="collective: the workers all-reduce their gradients every mini-batch (gloo on CPU, NCCL on GPU); "
@@ -143,14 +145,14 @@ def resolve(reference: str) -> Callable:
     return getattr(importlib.import_module(module_name), name)
 
 
-# In README's order. The distributed classes' functions move to paddlerec/launch.py with it.
+# In README's order.
 RUNNER_CLASSES: Dict[str, RunnerClass] = {c.name: c for c in (
     RunnerClass("train", TRAIN_PARAMS, "paddlerec.runners:run_train", trains=True),
     RunnerClass("infer", INFER_PARAMS, "paddlerec.runners:run_infer"),
-    RunnerClass("local_cluster_train", LOCAL_CLUSTER_TRAIN_PARAMS, "paddlerec.distributed:run_local_cluster_train",
-                check="paddlerec.distributed:check_local_cluster_train", trains=True),
-    RunnerClass("cluster_train", CLUSTER_TRAIN_PARAMS, "paddlerec.distributed:run_cluster_train",
-                check="paddlerec.distributed:check_cluster_train", trains=True),
+    RunnerClass("local_cluster_train", LOCAL_CLUSTER_TRAIN_PARAMS, "paddlerec.launch:run_local_cluster_train",
+                check="paddlerec.launch:check_local_cluster_train", trains=True),
+    RunnerClass("cluster_train", CLUSTER_TRAIN_PARAMS, "paddlerec.launch:run_cluster_train",
+                check="paddlerec.launch:check_cluster_train", trains=True),
     RunnerClass("serve", SERVE_PARAMS, "paddlerec.runners:run_serve"),
     RunnerClass("tune", TUNE_PARAMS, "paddlerec.tune:run_tune", check="paddlerec.tune:check_tune", trains=True),
 )}

@@ -7,11 +7,11 @@ Exit codes: 0 done; 2 invalid config or input (one line on stderr, no traceback)
 import argparse
 import contextlib
 import io
-import logging
 import os
 import sys
 import warnings
 
+from . import logs
 from .config import load_config, used_phases
 from .errors import UserError
 
@@ -31,8 +31,7 @@ def parse_args(argv):
 
 
 def configure_logging(quiet):
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logs.configure(quiet)
 
 
 def set_threads(config):
@@ -67,7 +66,8 @@ def main(argv=None):
         set_threads(config)
         warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
         import_paddle_quietly()
-        from .runners import RunContext, run
+        from .loops import RunContext
+        from .mode import run
 
         run(RunContext(config, show_progress=not args.no_progress))
     except UserError as exc:

@@ -613,7 +613,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    from .run import configure_logging
+    from .logs import configure as configure_logging
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging(args.quiet)

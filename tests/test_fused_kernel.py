@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from csrc import kernel as fused_ops
+
 from tests.helpers import make_model, random_sessions, steps_of
 
 model_module = pytest.importorskip("model")
@@ -11,9 +13,9 @@ import rsc15_reader  # noqa: E402
 
 def fused_available():
     try:
-        model_module.load_kernel_module()
+        fused_ops.load()
         return True
-    except model_module.KernelUnavailable:
+    except fused_ops.KernelUnavailable:
         return False
 
 
@@ -120,3 +122,48 @@ def test_fused_matches_reference_when_work_is_split_between_threads():
     for f, r in zip(outputs["fused"], outputs["reference"]):
         np.testing.assert_array_equal(f.ranks, r.ranks)
         np.testing.assert_array_equal(f.topk_ids, r.topk_ids)
+
+
+THREAD_RUN = """
+import hashlib, sys
+import numpy as np
+from tests.helpers import make_model, random_sessions, steps_of
+sessions = random_sessions(n_sessions=300, n_items=700, seed=int(sys.argv[1]))
+settings = {"layers": [24, 16], "n_sample": 400, "loss": sys.argv[2], "logq": 0.5, "dropout_hidden": 0.2,
+            "optimizer": {"momentum": 0.2}}
+model = make_model(sessions, kernel="fused", **settings)
+digest = hashlib.sha256()
+for epoch in (1, 2):
+    model.begin_epoch(epoch, True, 40)
+    for batch in steps_of(sessions, 40, chunk=16):
+        digest.update(np.asarray(model.train_step(batch), np.float64).tobytes())
+for name in model.network.param_names:
+    digest.update(getattr(model.network, name).numpy().tobytes())
+for value in model.optimizer.state.values():
+    digest.update(value.numpy().tobytes())
+model.begin_epoch(0, False, 37)
+for batch in steps_of(sessions, 37, with_final=True):
+    out = model.eval_step(batch, 10, "standard")
+    digest.update(out.ranks.tobytes() + out.topk_ids.tobytes() + out.topk_scores.tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max"])
+def test_results_are_bitwise_identical_for_any_thread_count(loss):
+    """The kernel cuts its work into tiles whose shapes do not depend on the thread count and sums
+    partial results in tile order: 1, 2 and 3 threads give the same bits (training and evaluation)."""
+    import os
+    import subprocess
+    import sys
+
+    seed = 21
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {}
+    for threads in (1, 2, 3):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        done = subprocess.run([sys.executable, "-c", THREAD_RUN, str(seed), loss], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests[threads] = done.stdout.strip().splitlines()[-1]
+    assert len(set(digests.values())) == 1, f"seed {seed}: {digests}"

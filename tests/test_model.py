@@ -7,10 +7,12 @@ import numpy as np
 import paddle
 import pytest
 
+from csrc import kernel as fused_ops
+
 import model as model_module
 import rsc15_reader
 from paddlerec.metrics import RankMetrics
-from tests.helpers import RSC15_100K, make_model
+from tests.helpers import RSC15_100K, make_model, random_sessions, steps_of
 
 
 def test_sampler_follows_support_to_the_power_alpha():
@@ -116,6 +118,7 @@ def load_tsv_sessions(path, item_index=None):
     return rsc15_reader.Sessions(np.concatenate(lists), offsets), item_index
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(RSC15_100K), reason=f"real RSC15 sample not found at {RSC15_100K}")
 def test_one_epoch_on_real_data_beats_popularity_by_far():
     train, index = load_tsv_sessions(os.path.join(RSC15_100K, "yoochoose-clicks-100k_train_full.txt"))
@@ -146,12 +149,11 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, kernel):
     """Checkpoint after epoch 1, restore into a new model, train epoch 2: the same numbers as
     two epochs in one go (dropout and the negative-sample stream included)."""
     from paddlerec import checkpoint
-    from tests.helpers import random_sessions, steps_of
 
     if kernel == "fused":
         try:
-            model_module.load_kernel_module()
-        except model_module.KernelUnavailable as exc:
+            fused_ops.load()
+        except fused_ops.KernelUnavailable as exc:
             pytest.skip(f"fused kernel unavailable: {exc}")
     sessions = random_sessions(n_sessions=80, n_items=40, seed=2)
     settings = dict(kernel=kernel, layers=[12], dropout_hidden=0.3, dropout_embed=0.1, n_sample=9, sample_store=90,

@@ -11,7 +11,7 @@ import yaml
 from paddlerec import official
 from paddlerec.config import apply_override, load_config
 
-from .spine_fixtures import REPO
+from .helpers import REPO
 
 # The official parameter strings of each ported paramfile (the values of hidasib/GRU4Rec_PyTorch_Official's
 # paramfiles/*.py, as run.py -ps takes them).

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from paddlerec import checkpoint, runners
+from paddlerec.loops import RunContext, build_model
+from paddlerec.mode import prepare
 from paddlerec.config import load_config
 from paddlerec.run import main
-from tests.spine_fixtures import N_ITEMS, REPO, checkpoint_epochs, labels, leftovers, make_workspace, run_cli
+from tests.helpers import N_ITEMS, REPO, checkpoint_epochs, labels, leftovers, make_workspace, run_paddlerec
 
 paddle = pytest.importorskip("paddle")
 
@@ -41,10 +43,11 @@ def read_predictions(path):
     return rows
 
 
+@pytest.mark.slow
 def test_one_epoch_of_the_shipped_config(tmp_path):
     """README's first command, shortened to one epoch, with every output redirected to tmp."""
     out = tmp_path / "out"
-    proc = run_cli(["-m", os.path.join(REPO, "config.yaml"),
+    proc = run_paddlerec(["-m", os.path.join(REPO, "config.yaml"),
                     "-o", "runner.cpu_train_runner.epochs=1",
                     "-o", f"runner.cpu_train_runner.save_checkpoint_path={out}/checkpoints",
                     "-o", f"runner.cpu_train_runner.save_inference_path={out}/inference",
@@ -89,8 +92,8 @@ def test_incremental_training_restores_weights_and_optimizer_exactly(tmp_path, c
     caplog.set_level(logging.INFO)
     path = make_workspace(tmp_path)
     config = load_config(path)
-    ctx = runners.RunContext(config, show_progress=False)
-    runners.prepare(ctx)
+    ctx = RunContext(config, show_progress=False)
+    prepare(ctx)
     trained = runners.run_train(ctx, "train")  # epochs 1, 2; checkpoints 1 and 2
     ckpt = os.path.join(str(tmp_path), "ckpt", "2")
     saved_net = _arrays(paddle.load(os.path.join(ckpt, "model.pdparams")))
@@ -99,10 +102,10 @@ def test_incremental_training_restores_weights_and_optimizer_exactly(tmp_path, c
     _assert_same(saved_opt, _arrays(trained.optimizer_state()))
 
     # a new run's restore, as the `resume` runner (init_model_path: the parent folder) does it
-    ctx2 = runners.RunContext(load_config(path), show_progress=False)
+    ctx2 = RunContext(load_config(path), show_progress=False)
     hparams = ctx2.hyper_parameters("phase_train")
     data = ctx2.reader("phase_train").info()
-    fresh = runners.build_model(ctx2, "phase_train", hparams, data)
+    fresh = build_model(ctx2, "phase_train", hparams, data)
     restored, epoch, run_id = runners.restore_for_training(ctx2, "resume", "phase_train", hparams, data)
     assert epoch == 2
     # a continued run keeps the id of the run it continues
@@ -204,24 +207,32 @@ def _predictor(folder):
     return inference.create_predictor(config)
 
 
+def _names(specs):
+    return [spec["name"] for spec in specs]
+
+
 def _predict(predictor, io, item_ids, hidden):
-    inputs = dict(zip(io["inputs"], (np.asarray(item_ids, np.int64), np.asarray(hidden, np.float32))))
-    for name, value in inputs.items():
+    """One step of the exported model, nothing excluded: every row's one exclude_ids entry is the
+    padding id n_items (paddlerec/export.py describes the inputs)."""
+    values = {"item_ids": np.asarray(item_ids, np.int64), "hidden": np.asarray(hidden, np.float32),
+              "exclude_ids": np.full((len(item_ids), 1), io["n_items"], np.int64)}
+    for name in _names(io["inputs"]):
         handle = predictor.get_input_handle(name)
-        handle.reshape(list(value.shape))
-        handle.copy_from_cpu(value)
+        handle.reshape(list(values[name].shape))
+        handle.copy_from_cpu(values[name])
     predictor.run()
-    return {name: predictor.get_output_handle(name).copy_to_cpu() for name in io["outputs"]}
+    return {name: predictor.get_output_handle(name).copy_to_cpu() for name in _names(io["outputs"])}
 
 
 def test_exported_model_serves_the_trained_models_recommendations(trained):
     folder, path = trained
     export = folder / "inference" / "10"
     io = json.loads((export / "io.json").read_text())
-    assert io["inputs"] == ["item_ids", "hidden"] and io["outputs"] == ["topk_ids", "topk_scores", "next_hidden"]
+    assert _names(io["inputs"]) == ["item_ids", "hidden", "exclude_ids"]
+    assert _names(io["outputs"]) == ["topk_ids", "topk_scores", "next_hidden"]
     predictor = _predictor(export)
-    assert predictor.get_input_names() == io["inputs"]
-    assert predictor.get_output_names() == io["outputs"]  # no fetch_name_N to guess
+    assert predictor.get_input_names() == _names(io["inputs"])
+    assert predictor.get_output_names() == _names(io["outputs"])  # no fetch_name_N to guess
     vocab = (export / "vocab.txt").read_text().split("\n")[:-1]
     assert vocab == labels(N_ITEMS)
 

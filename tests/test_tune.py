@@ -12,7 +12,9 @@ from paddlerec import tune
 from paddlerec.config import load_config
 from paddlerec.errors import ConfigError
 
-from .spine_fixtures import REPO, assert_one_clean_error, base_config, entry, make_workspace, run_cli
+from .helpers import REPO, assert_one_clean_error, base_config, entry, make_workspace
+from .helpers import run_cli as run_python
+from .helpers import run_paddlerec as run_cli
 
 sys.path.insert(0, os.path.join(REPO, "data"))
 
@@ -140,7 +142,8 @@ def test_two_trials_write_a_ready_config_and_a_resumed_study_adds_only_the_missi
     assert written.workspace == str(tmp_path)
 
     # the same study with n_trials 3 runs one more trial, numbered on
-    from paddlerec.runners import RunContext, run
+    from paddlerec.loops import RunContext
+    from paddlerec.mode import run
 
     run(RunContext(load_config(config, ["mode=tune", "runner.tune.n_trials=3"]), show_progress=False))
     assert [r["trial"] for r in trial_lines(capsys.readouterr().out)[:-1]] == [2]
@@ -155,7 +158,8 @@ def test_an_interrupted_trial_runs_again_on_resume(tmp_path, monkeypatch, capsys
     """A run stopped in the middle of its second trial leaves that trial open in the study; the
     next run closes it, runs its settings again and completes the study's n_trials."""
     pytest.importorskip("optuna")
-    from paddlerec.runners import RunContext, run
+    from paddlerec.loops import RunContext
+    from paddlerec.mode import run
 
     config_path = tune_workspace(tmp_path, n_trials=3)
     real_trial = tune.run_trial
@@ -192,7 +196,8 @@ def test_an_interrupted_trial_runs_again_on_resume(tmp_path, monkeypatch, capsys
 
 def test_a_study_refuses_to_resume_with_another_search_space(tmp_path, capsys):
     pytest.importorskip("optuna")
-    from paddlerec.runners import RunContext, run
+    from paddlerec.loops import RunContext
+    from paddlerec.mode import run
 
     config = tune_workspace(tmp_path, n_trials=1)
     run(RunContext(load_config(config, ["mode=tune"]), show_progress=False))
@@ -211,14 +216,8 @@ def test_missing_optuna_is_one_line_naming_the_fix(tmp_path):
     blocker = tmp_path / "block"
     blocker.mkdir()
     (blocker / "optuna.py").write_text("raise ImportError('No module named optuna')\n")
-    env_path = os.pathsep.join([str(blocker), REPO])
-    import subprocess
-
-    from .spine_fixtures import PYTHON
-
-    proc = subprocess.run([PYTHON, "-m", "paddlerec.run", "--no-progress", "-m", config, "-o", "mode=[train, tune]"],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=env_path, OMP_NUM_THREADS="1"))
+    proc = run_python(["-m", "paddlerec.run", "--no-progress", "-m", config, "-o", "mode=[train, tune]"],
+                      env={"PYTHONPATH": os.pathsep.join([str(blocker), REPO])})
     line = assert_one_clean_error(proc, 2, "the tune runner needs Optuna",
                                   "pip install -r requirements-tune.txt")
     assert line.startswith("error: ")
@@ -232,7 +231,8 @@ def test_missing_optuna_is_one_line_naming_the_fix(tmp_path):
 ])
 def test_tune_runner_checks(tmp_path, override, fragments):
     pytest.importorskip("optuna")
-    from paddlerec.runners import RunContext, prepare
+    from paddlerec.loops import RunContext
+    from paddlerec.mode import prepare
 
     config = load_config(tune_workspace(tmp_path), ["mode=tune", override])
     with pytest.raises(ConfigError) as caught:
