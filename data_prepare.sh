@@ -240,20 +240,30 @@ else
     VALID_TSV=${prefix}_train_valid.tsv
 fi
 TUNE_INPUTS=
+# the split is converted first; a split left empty (too little data) gets no tune/ folder
+tune_done() {
+    [ -s "$OUT/converted/train_tr.txt" ] && [ -s "$OUT/converted/train_valid.txt" ] || return 0
+    [ -e "$OUT/tune/vocab.txt" ] && [ -e "$OUT/tune/all_train/train.txt" ] && [ -e "$OUT/tune/all_test/test.txt" ]
+}
 if [ -n "$TR_TSV" ] && [ -n "$VALID_TSV" ]; then
-    TUNE_INPUTS="$OUT/tune/vocab.txt"
     key="tune train_tr=$TR_TSV train_valid=$VALID_TSV"
-    if fresh tune "$key" "$OUT/tune/vocab.txt" "$OUT/tune/all_train/train.txt" "$OUT/tune/all_test/test.txt" \
-            -- "$TR_TSV" "$VALID_TSV" "$REPO/data/convert_format.py" "$REPO/data/text2paddle.py"; then
+    if fresh tune "$key" "$OUT/converted/train_tr.txt" "$OUT/converted/train_valid.txt" \
+            -- "$TR_TSV" "$VALID_TSV" "$REPO/data/convert_format.py" "$REPO/data/text2paddle.py" && tune_done; then
         skip tune
     else
         begin tune
         "$PY" "$REPO/data/convert_format.py" "$TR_TSV" "$OUT/converted/train_tr.txt"
         "$PY" "$REPO/data/convert_format.py" "$VALID_TSV" "$OUT/converted/train_valid.txt"
-        "$PY" "$REPO/data/text2paddle.py" --out-dir "$OUT/tune" --train "$OUT/converted/train_tr.txt" \
-            --test "$OUT/converted/train_valid.txt"
+        rm -rf "$OUT/tune"
+        if [ -s "$OUT/converted/train_tr.txt" ] && [ -s "$OUT/converted/train_valid.txt" ]; then
+            "$PY" "$REPO/data/text2paddle.py" --out-dir "$OUT/tune" --train "$OUT/converted/train_tr.txt" \
+                --test "$OUT/converted/train_valid.txt"
+        else
+            echo "[tune] the train_tr/train_valid split is empty (too little data); the config gets no tune runner"
+        fi
         done_step tune "$key"
     fi
+    [ ! -e "$OUT/tune/vocab.txt" ] || TUNE_INPUTS="$OUT/tune/vocab.txt"
 else
     echo "[tune] no train_tr/train_valid split in $PREPARED; the config gets no tune runner"
 fi
