@@ -178,8 +178,10 @@ class GRU4RecNet(paddle.nn.Layer):
 class InferenceStep(paddle.nn.Layer):
     """What `paddle.inference` serves: one click per row in, top-K and the next state out.
 
-    item_ids [n] int64, hidden [n, sum(layers)] float32 (zeros at a session's start) ->
-    topk_ids [n, k] int64, topk_scores [n, k] float32, next_hidden [n, sum(layers)].
+    item_ids [n] int64, hidden [n, sum(layers)] float32 (zeros at a session's start),
+    exclude_ids [n, m] int64 (model ids never to return for that row, e.g. the session's clicks;
+    padded with n_items; m may be 0) -> topk_ids [n, k] int64, topk_scores [n, k] float32,
+    next_hidden [n, sum(layers)]. Without exclude_ids (None when traced) the step has two inputs.
     """
 
     def __init__(self, network, topk):
@@ -187,17 +189,24 @@ class InferenceStep(paddle.nn.Layer):
         self.network = network
         self.topk = min(topk, network.n_items)
 
-    def forward(self, item_ids, hidden):
+    def forward(self, item_ids, hidden, exclude_ids=None):
         sizes = self.network.layers
         hidden_list = paddle.split(hidden, sizes, axis=1) if len(sizes) > 1 else [hidden]
         x, new_hidden = self.network.step(item_ids, hidden_list)
-        scores = self.network.all_scores(x) + self.network.score_mask()
+        scores = self.network.all_scores(x) + self.network.score_mask()  # [n, n_items]
+        if exclude_ids is not None:
+            # a spare last column takes the padding id n_items, so rows may exclude different counts
+            padded = paddle.concat([scores, paddle.zeros_like(scores[:, :1])], axis=1)  # [n, n_items + 1]
+            # the value is a tensor of exclude_ids' shape: a scalar would need that shape, unknown when saving
+            minus_inf = paddle.zeros_like(exclude_ids, dtype=scores.dtype) - float("inf")  # [n, m]
+            padded = paddle.put_along_axis(padded, exclude_ids, minus_inf, axis=1, broadcast=False)
+            scores = padded[:, :-1]
         topk_scores, topk_ids = paddle.topk(scores, self.topk, axis=1)
         next_hidden = paddle.concat(new_hidden, axis=1) if len(sizes) > 1 else new_hidden[0]
         return topk_ids, topk_scores, next_hidden
 
 
-INFERENCE_INPUTS = ("item_ids", "hidden")
+INFERENCE_INPUTS = ("item_ids", "hidden", "exclude_ids")
 INFERENCE_OUTPUTS = ("topk_ids", "topk_scores", "next_hidden")
 
 
@@ -423,7 +432,6 @@ class Model:
             self.network.item_support.set_value(paddle.to_tensor(self.train_support))
         self.optimizer = RowSparseOptimizer(self.network, hparams["optimizer.class"],
                                             hparams["optimizer.learning_rate"], hparams["optimizer.momentum"])
-        self.batch_size = None  # the configured mini-batch size normalises the loss; set by begin_epoch
         self.hidden = None
         self.grad_reducer = None  # distributed training combines gradients here
         self._sampler = None
@@ -456,12 +464,11 @@ class Model:
     def known_items(self):
         return self.network.item_support.numpy() > 0
 
-    def begin_epoch(self, epoch, training, batch_size=None):
+    def begin_epoch(self, epoch, training):
         """Fresh hidden state; dropout seeded from (seed, epoch). The negative-sample store is one
         stream over all epochs, as in the official code. The kernel is chosen (and loaded) here,
         outside the epoch's timing."""
         self.hidden = None
-        self.batch_size = batch_size
         if training:
             seed = self.hp["seed"]
             # distributed workers draw their own dropout masks (negatives stay shared by all of
@@ -488,10 +495,12 @@ class Model:
                                             seed=[self.hp["seed"], 2])
         return self._sampler
 
-    def train_step(self, batch):
-        """Train on every mini-batch of `batch`; returns their losses (sum over rows / batch_size)."""
+    def train_step(self, batch, batch_size):
+        """Train on every mini-batch of `batch`; returns each one's summed row losses. The
+        gradient is that of the sum / batch_size (the configured size: a shrinking last
+        mini-batch weighs less, as in the official code)."""
         samples = self.sampler.take(batch.n_steps) if self.n_sample > 0 else None
-        return self.train_impl().train(batch, samples)
+        return self.train_impl().train(batch, samples, batch_size)
 
     def eval_step(self, batch, topk, tie_mode):
         return self.eval_impl().evaluate(batch, topk, tie_mode)
@@ -518,17 +527,17 @@ class Model:
         step = InferenceStep(self.network, topk)
         width = sum(self.network.layers)
         specs = [paddle.static.InputSpec([None], "int64", INFERENCE_INPUTS[0]),
-                 paddle.static.InputSpec([None, width], "float32", INFERENCE_INPUTS[1])]
+                 paddle.static.InputSpec([None, width], "float32", INFERENCE_INPUTS[1]),
+                 paddle.static.InputSpec([None, None], "int64", INFERENCE_INPUTS[2])]
         static = paddle.jit.to_static(step, input_spec=specs, full_graph=True)
         paddle.jit.save(static, path_prefix, input_spec=specs)
-        # Paddle 3.3 names the outputs fetch_name_0..2 (a PIR value can only be named when it is
-        # persistable), so "outputs" records their order. "unseen_items": ids never clicked in
-        # training: their scores are masked and a server must not feed them (the offline
-        # evaluation drops such clicks too).
+        # "unseen_items": ids never clicked in training: their scores are masked and a server must
+        # not feed them (the offline evaluation drops such clicks too).
         unseen = np.flatnonzero(self.network.item_support.numpy() == 0)
         return {"inputs": list(INFERENCE_INPUTS), "outputs": list(INFERENCE_OUTPUTS), "topk": step.topk,
                 "hidden_size": width, "layers": list(self.network.layers), "n_items": self.network.n_items,
                 "unseen_items": [int(i) for i in unseen]}
+
 
 NAN_SCORES = TrainingError("the model produces NaN scores: it did not train properly (a too high learning rate "
                            "or momentum?); retrain it with lower hyper_parameters.optimizer.learning_rate")
@@ -558,7 +567,7 @@ def tie_ranks(higher, equal, tie_mode):
 
 
 # ---- how a step is computed: two strategies with one interface ------------------------------
-#   train(batch, samples) -> float64 [n_steps] losses (sum over rows / batch_size)
+#   train(batch, samples, batch_size) -> float64 [n_steps]: summed row losses per step
 #   evaluate(batch, topk, tie_mode) -> EvalOutput
 # Both read and write the model's parameters, optimizer slots and carried hidden state.
 
@@ -573,11 +582,11 @@ class ReferenceStep:
         support = np.maximum(model.sampling_support(), 1).astype(np.float64)
         self.log_support = np.log(support).astype(np.float32)  # [n_items]: log of each item's sampling support
 
-    def train(self, batch, samples):
+    def train(self, batch, samples, batch_size):
         losses = np.zeros(batch.n_steps, np.float64)
         for s in range(batch.n_steps):
             inputs, targets, carry, _ = batch.step(s)
-            losses[s] = self.train_one(inputs, targets, carry, None if samples is None else samples[s])
+            losses[s] = self.train_one(inputs, targets, carry, None if samples is None else samples[s], batch_size)
         return losses
 
     def carried(self, carry):
@@ -589,8 +598,8 @@ class ReferenceStep:
         index = paddle.to_tensor(carry + 1)
         return [paddle.gather(paddle.concat([paddle.zeros([1, h.shape[1]]), h]), index) for h in model.hidden]
 
-    def train_one(self, inputs, targets, carry, sample):
-        """One mini-batch: forward, loss, backward, update. Returns the loss."""
+    def train_one(self, inputs, targets, carry, sample, batch_size):
+        """One mini-batch: forward, loss, backward, update. Returns the summed row losses."""
         model = self.model
         net, hp = model.network, model.hp
         n = len(inputs)
@@ -654,8 +663,7 @@ class ReferenceStep:
             if model.loss_kind == "cross-entropy" and hp["logq"] > 0:
                 shift = hp["logq"] * self.log_sampling_weight(targets, sample)
             loss = sampled_loss(model.loss_kind, scores, shift, hp["bpreg"], hp["elu_param"])
-        loss = loss / model.batch_size
-        loss.backward()
+        (loss / batch_size).backward()
 
         dense_grads = {name: leaf.grad for name, leaf in leaves.items()}
         sparse_grads = {}
@@ -730,7 +738,7 @@ class FusedStep:
             return model.hidden
         return paddle.zeros([0, sum(model.network.layers)])
 
-    def train(self, batch, samples):
+    def train(self, batch, samples, batch_size):
         model = self.model
         net, hp, opt = model.network, model.hp, model.optimizer
         slots = []
@@ -741,7 +749,7 @@ class FusedStep:
         sample_t = paddle.to_tensor(samples) if samples is not None else paddle.zeros([0, 0], dtype="int64")
         attrs = fused_ops.attributes(fused_ops.TRAIN_ATTRS, dict(
             embedding=fused_ops.EMBEDDING_CODES[net.embedding], loss_kind=fused_ops.LOSS_CODES[model.loss_kind],
-            optimizer=fused_ops.OPTIMIZER_CODES[opt.kind], batch_size=int(model.batch_size),
+            optimizer=fused_ops.OPTIMIZER_CODES[opt.kind], batch_size=int(batch_size),
             dropout_embed=float(hp["dropout_embed"]), dropout_hidden=float(hp["dropout_hidden"]),
             logq=float(hp["logq"]), sample_alpha=float(hp["sample_alpha"]), bpreg=float(hp["bpreg"]),
             elu=float(hp["elu_param"]), lr=float(opt.lr), momentum=float(opt.momentum),

@@ -791,7 +791,7 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
     });
     double loss = 0;
     for (int i = 0; i < n; ++i) loss += sc.row_loss[i];
-    loss_out[s] = (float)(loss * scale);
+    loss_out[s] = (float)loss;  // the sum over rows; the gradients are those of loss * scale
     if (!std::isfinite(loss_out[s])) {
       // stop before the update: the caller reports this step and keeps the last good checkpoint
       for (int64_t r = s + 1; r < n_steps; ++r) loss_out[r] = 0.f;

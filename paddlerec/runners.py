@@ -97,7 +97,8 @@ def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_
                 log.info("saved checkpoint %s", path)
             every = runner["save_inference_interval"]
             if every and (last or epoch % every == 0):  # config.py made sure save_inference_path is set
-                path = _export(runner, epoch, model, meta, data)
+                path = _export(runner, epoch, model, dict(meta, phase=phase_name,
+                                                          dataset=config.phases[phase_name]["dataset_name"]), data)
                 log.info("saved inference model %s", path)
             try:
                 history.add(row)
@@ -112,7 +113,8 @@ def run_train(ctx: RunContext, runner_name, shard=(0, 1), grad_reducer=None, is_
 def _export(runner, epoch, model, meta, data):
     """Inference model `<save_inference_path>/<epoch>` (paddlerec/export.py); SaveError when it cannot be written."""
     root = runner["save_inference_path"]
-    training = {k: meta[k] for k in ("hyper_parameters", "run_id", "model_file", "config", "runner")}
+    training = {k: meta[k] for k in ("hyper_parameters", "run_id", "model_file", "config", "runner", "phase",
+                                      "dataset")}
     try:
         return export.write_export(root, epoch, model, runner["topk"], data.labels, training=training, data=data)
     except OSError as exc:

@@ -42,9 +42,9 @@ def test_fused_matches_reference(case):
     fused_losses, reference_losses = [], []
     for epoch in (1, 2):
         for model, losses in ((fused, fused_losses), (reference, reference_losses)):
-            model.begin_epoch(epoch, True, 5)
+            model.begin_epoch(epoch, True)
             for batch in steps_of(sessions, 5):
-                losses.extend(model.train_step(batch))
+                losses.extend(model.train_step(batch, 5))
     assert len(fused_losses) == len(reference_losses) > 20
     np.testing.assert_allclose(fused_losses, reference_losses, rtol=2e-4, atol=1e-5)
     for name in fused.network.param_names:
@@ -62,9 +62,9 @@ def test_fused_training_with_dropout_learns():
     model = make_model(sessions, kernel="fused", layers=[16], dropout_embed=0.3, dropout_hidden=0.3, n_sample=8)
     losses = []
     for epoch in range(1, 6):
-        model.begin_epoch(epoch, True, 8)
+        model.begin_epoch(epoch, True)
         for batch in steps_of(sessions, 8):
-            losses.extend(model.train_step(batch))
+            losses.extend(model.train_step(batch, 8))
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-20:]) < np.mean(losses[:20])
 
@@ -74,9 +74,9 @@ def test_fused_evaluation_matches_reference(embedding, layers):
     """Ranks, tie counts and top-K of the C++ evaluation equal those of the Paddle operators."""
     sessions = random_sessions(n_sessions=50, n_items=40, seed=11, min_len=1)
     trained = make_model(sessions, kernel="reference", layers=layers, embedding=embedding, n_sample=10)
-    trained.begin_epoch(1, True, 6)
+    trained.begin_epoch(1, True)
     for batch in steps_of(rsc15_reader.drop_short(sessions, 2, "test"), 6):
-        trained.train_step(batch)
+        trained.train_step(batch, 6)
     # items 35.. never seen: masked out of every ranking and recommendation
     support = trained.network.item_support.numpy()
     support[35:] = 0
@@ -88,7 +88,7 @@ def test_fused_evaluation_matches_reference(embedding, layers):
         model.network.set_state_dict(state)
         outputs[kernel] = []
         for mode in ("standard", "conservative", "median"):
-            model.begin_epoch(0, False, 7)
+            model.begin_epoch(0, False)
             outputs[kernel] += [model.eval_step(b, 5, mode) for b in steps_of(sessions, 7, with_final=True)]
     for fused_out, reference_out in zip(outputs["fused"], outputs["reference"]):
         np.testing.assert_array_equal(fused_out.ranks, reference_out.ranks)
@@ -108,8 +108,8 @@ def test_fused_matches_reference_when_work_is_split_between_threads():
     reference = make_model(sessions, kernel="reference", **settings)
     losses = {}
     for name, model in (("fused", fused), ("reference", reference)):
-        model.begin_epoch(1, True, 128)
-        losses[name] = [l for batch in steps_of(sessions, 128, chunk=64) for l in model.train_step(batch)]
+        model.begin_epoch(1, True)
+        losses[name] = [l for batch in steps_of(sessions, 128, chunk=64) for l in model.train_step(batch, 128)]
     np.testing.assert_allclose(losses["fused"], losses["reference"], rtol=2e-4, atol=1e-5)
     for name in fused.network.param_names:
         np.testing.assert_allclose(getattr(fused.network, name).numpy(), getattr(reference.network, name).numpy(),
@@ -117,7 +117,7 @@ def test_fused_matches_reference_when_work_is_split_between_threads():
     outputs = {}
     for name, model in (("fused", fused), ("reference", reference)):
         model.network.set_state_dict(fused.network.state_dict())
-        model.begin_epoch(0, False, 600)
+        model.begin_epoch(0, False)
         outputs[name] = [model.eval_step(b, 10, "standard") for b in steps_of(sessions, 600, with_final=True)]
     for f, r in zip(outputs["fused"], outputs["reference"]):
         np.testing.assert_array_equal(f.ranks, r.ranks)
@@ -134,14 +134,14 @@ settings = {"layers": [24, 16], "n_sample": 400, "loss": sys.argv[2], "logq": 0.
 model = make_model(sessions, kernel="fused", **settings)
 digest = hashlib.sha256()
 for epoch in (1, 2):
-    model.begin_epoch(epoch, True, 40)
+    model.begin_epoch(epoch, True)
     for batch in steps_of(sessions, 40, chunk=16):
-        digest.update(np.asarray(model.train_step(batch), np.float64).tobytes())
+        digest.update(np.asarray(model.train_step(batch, 40), np.float64).tobytes())
 for name in model.network.param_names:
     digest.update(getattr(model.network, name).numpy().tobytes())
 for value in model.optimizer.state.values():
     digest.update(value.numpy().tobytes())
-model.begin_epoch(0, False, 37)
+model.begin_epoch(0, False)
 for batch in steps_of(sessions, 37, with_final=True):
     out = model.eval_step(batch, 10, "standard")
     digest.update(out.ranks.tobytes() + out.topk_ids.tobytes() + out.topk_scores.tobytes())

@@ -126,11 +126,11 @@ def test_one_epoch_on_real_data_beats_popularity_by_far():
     model = make_model(train, n_items=len(index), layers=[100], loss="cross-entropy", logq=1.0,
                        dropout_hidden=0.4, n_sample=2048, sample_alpha=0.5,
                        optimizer={"learning_rate": 0.2, "momentum": 0.2})
-    model.begin_epoch(1, True, 32)
+    model.begin_epoch(1, True)
     for batch in rsc15_reader.chunk_steps(rsc15_reader.session_parallel_steps(train, 32, False), 64):
-        losses = model.train_step(batch)
+        losses = model.train_step(batch, 32)
         assert np.all(np.isfinite(losses))
-    model.begin_epoch(0, False, 512)
+    model.begin_epoch(0, False)
     metrics = RankMetrics([20])
     for batch in rsc15_reader.chunk_steps(rsc15_reader.session_parallel_steps(test, 512, False), 64):
         metrics.add(model.eval_step(batch, 20, "standard").ranks)
@@ -160,8 +160,8 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, kernel):
                     logq=1.0, optimizer={"momentum": 0.3})
 
     def train(model, epoch):
-        model.begin_epoch(epoch, True, 6)
-        return [loss for batch in steps_of(sessions, 6) for loss in model.train_step(batch)]
+        model.begin_epoch(epoch, True)
+        return [loss for batch in steps_of(sessions, 6) for loss in model.train_step(batch, 6)]
 
     straight = make_model(sessions, **settings)
     losses = train(straight, 1) + train(straight, 2)

@@ -116,7 +116,7 @@ def test_incremental_training_restores_weights_and_optimizer_exactly(tmp_path, c
     _assert_same(restored_net, saved_net)
     _assert_same(restored_opt, saved_opt)
     # training on: the items known before stay known, the new data's items join them
-    restored.begin_epoch(3, True, 4)
+    restored.begin_epoch(3, True)
     known = restored.network.item_support.numpy()
     assert np.array_equal(known, np.maximum(saved_net["item_support"], data.item_support))
     # and the restore did something: a fresh model differs in weights and optimizer state
@@ -207,32 +207,29 @@ def _predictor(folder):
     return inference.create_predictor(config)
 
 
-def _names(specs):
-    return [spec["name"] for spec in specs]
-
-
-def _predict(predictor, io, item_ids, hidden):
-    """One step of the exported model, nothing excluded: every row's one exclude_ids entry is the
-    padding id n_items (paddlerec/export.py describes the inputs)."""
-    values = {"item_ids": np.asarray(item_ids, np.int64), "hidden": np.asarray(hidden, np.float32),
-              "exclude_ids": np.full((len(item_ids), 1), io["n_items"], np.int64)}
-    for name in _names(io["inputs"]):
+def _predict(predictor, io, item_ids, hidden, exclude_ids=None):
+    item_ids = np.asarray(item_ids, np.int64)
+    if exclude_ids is None:  # one column of padding: nothing excluded
+        exclude_ids = np.full((len(item_ids), 1), io["padding_id"], np.int64)
+    values = (item_ids, np.asarray(hidden, np.float32), np.asarray(exclude_ids, np.int64))
+    inputs = dict(zip([spec["name"] for spec in io["inputs"]], values))
+    for name, value in inputs.items():
         handle = predictor.get_input_handle(name)
-        handle.reshape(list(values[name].shape))
-        handle.copy_from_cpu(values[name])
+        handle.reshape(list(value.shape))
+        handle.copy_from_cpu(value)
     predictor.run()
-    return {name: predictor.get_output_handle(name).copy_to_cpu() for name in _names(io["outputs"])}
+    return {spec["name"]: predictor.get_output_handle(spec["name"]).copy_to_cpu() for spec in io["outputs"]}
 
 
 def test_exported_model_serves_the_trained_models_recommendations(trained):
     folder, path = trained
     export = folder / "inference" / "10"
     io = json.loads((export / "io.json").read_text())
-    assert _names(io["inputs"]) == ["item_ids", "hidden", "exclude_ids"]
-    assert _names(io["outputs"]) == ["topk_ids", "topk_scores", "next_hidden"]
+    inputs, outputs = [spec["name"] for spec in io["inputs"]], [spec["name"] for spec in io["outputs"]]
+    assert inputs == ["item_ids", "hidden", "exclude_ids"] and outputs == ["topk_ids", "topk_scores", "next_hidden"]
     predictor = _predictor(export)
-    assert predictor.get_input_names() == _names(io["inputs"])
-    assert predictor.get_output_names() == _names(io["outputs"])  # no fetch_name_N to guess
+    assert predictor.get_input_names() == inputs
+    assert predictor.get_output_names() == outputs  # no fetch_name_N to guess
     vocab = (export / "vocab.txt").read_text().split("\n")[:-1]
     assert vocab == labels(N_ITEMS)
 
@@ -287,6 +284,22 @@ def test_exported_model_matches_the_network_on_any_state(trained):
     np.testing.assert_array_equal(out["topk_ids"], top_ids.numpy())
     np.testing.assert_allclose(out["topk_scores"], top_scores.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["next_hidden"], new_hidden[0].numpy(), rtol=1e-5, atol=1e-6)
+
+    # exclude_ids: each row drops its own items (padded with n_items) from the same scores' top-K
+    n_items = io["n_items"]
+    exclude = np.full((17, 4), n_items, np.int64)
+    for row in range(17):
+        count = rng.integers(0, 5)
+        exclude[row, :count] = top_ids.numpy()[row, rng.permutation(io["topk"])[:count]]
+    excluded = _predict(_predictor(export), io, items, hidden, exclude)
+    masked = scores.numpy().copy()
+    for row in range(17):
+        masked[row, exclude[row][exclude[row] < n_items]] = -np.inf
+    expected = np.argsort(-masked, axis=1, kind="stable")[:, :io["topk"]]
+    np.testing.assert_array_equal(np.take_along_axis(masked, excluded["topk_ids"], 1),
+                                  np.take_along_axis(masked, expected, 1))  # same scores, in order (ties aside)
+    for row in range(17):
+        assert not set(excluded["topk_ids"][row]) & set(exclude[row]), f"row {row} got an excluded item"
 
 
 def test_a_new_run_does_not_mix_with_an_earlier_runs_checkpoints(tmp_path, caplog):
