@@ -4,7 +4,7 @@
     python -m paddlerec.official --file paramfiles/retailrocket_bprmax_shared_best.py
 
 prints the `-o KEY=VALUE` overrides of `python -m paddlerec.run` that set what the official
-run.py's `-ps` parameter string (or `-pf` parameter file) sets, on one line:
+run.py's `-ps` parameter string (or `-pf` parameter file) sets, on one line, unquoted for `$(...)`:
 
     python -m paddlerec.run -m config.yaml $(python -m paddlerec.official "layers=100,...")
 
@@ -15,7 +15,6 @@ project always uses (e.g. hidden_act=tanh) and refused otherwise.
 
 import argparse
 import ast
-import shlex
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -303,7 +302,8 @@ def main(argv=None):
     if args.lines:
         print("\n".join(result))
     else:
-        print(" ".join(f"-o {shlex.quote(o)}" for o in result))
+        # unquoted, for $(...): its words are not re-parsed by the shell, and no value holds a space
+        print(" ".join(f"-o {o}" for o in result))
     return 0
 
 

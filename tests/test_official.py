@@ -122,7 +122,7 @@ def test_paramfile_is_read_without_running_it(tmp_path):
 
 def test_command_line(capsys):
     assert official.main(["layers=100,batch_size=32,loss=cross-entropy"]) == 0
-    assert capsys.readouterr().out == ("-o 'hyper_parameters.layers=[100]' -o dataset.dataset_train.batch_size=32 "
+    assert capsys.readouterr().out == ("-o hyper_parameters.layers=[100] -o dataset.dataset_train.batch_size=32 "
                                        "-o hyper_parameters.loss=cross-entropy\n")
     assert official.main(["--lines", "n_epochs=3"]) == 0
     assert capsys.readouterr().out == "runner.cpu_train_runner.epochs=3\n"
@@ -131,6 +131,23 @@ def test_command_line(capsys):
     assert err.startswith("error: sigma=0.1 has no counterpart here") and len(err.splitlines()) == 1
     assert official.main([]) == 2
     assert "pass a parameter string or --file" in capsys.readouterr().err
+
+
+def test_the_printed_overrides_work_in_a_command_substitution(tmp_path):
+    """What README shows: python -m paddlerec.run -m CONFIG $(python -m paddlerec.official "...")."""
+    import subprocess
+    import sys
+
+    from .helpers import make_workspace
+
+    config = make_workspace(tmp_path)
+    command = (f'"{sys.executable}" -m paddlerec.official "layers=16/8,learning_rate=0.1" --train-runner train '
+               f'--train-dataset train_data')
+    script = (f'cd "{REPO}" && "{sys.executable}" -c "import sys; from paddlerec.config import load_config; '
+              f'c = load_config(sys.argv[1], sys.argv[2:][1::2]); print(c.hyper_parameters)" "{config}" $({command})')
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "'layers': [16, 8]" in proc.stdout and "'learning_rate': 0.1" in proc.stdout
 
 
 @pytest.mark.parametrize("name", sorted(PORTED))
