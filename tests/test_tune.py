@@ -275,3 +275,27 @@ def test_the_prepared_config_tunes_on_the_tuning_split(tmp_path):
 def test_shipped_search_spaces_parse(name):
     space = tune.read_search_space(os.path.join(REPO, "configs", name), model.HYPER_PARAMETERS, "k")
     assert {"layers", "batch_size", "optimizer.learning_rate"} <= {d.name for d in space}
+
+
+def test_data_prepare_converts_the_tuning_split_of_the_100k_sample(tmp_path):
+    from .helpers import RSC15_100K
+
+    if not os.path.isdir(RSC15_100K):
+        pytest.skip(f"the RSC15 100k sample is not at {RSC15_100K}")
+    out = tmp_path / "out"
+    import subprocess
+
+    proc = subprocess.run(["sh", os.path.join(REPO, "data_prepare.sh"), "--prepared", RSC15_100K, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    # SOURCE.txt of the sample: train_tr 53,254 clicks in 13,629 sessions on 2,873 items; train_valid 16,539 in 4,084
+    vocab = (out / "tune" / "vocab.txt").read_text().split()
+    train = (out / "tune" / "all_train" / "train.txt").read_text().splitlines()
+    valid = (out / "tune" / "all_test" / "test.txt").read_text().splitlines()
+    assert len(vocab) == 2873 and len(train) == 13629 and sum(len(s.split()) for s in train) == 53254
+    assert len(valid) == 4084 and sum(len(s.split()) for s in valid) == 16539
+    assert {int(i) for s in train for i in s.split()} == set(range(len(vocab)))
+    config = load_config(str(out / "config.yaml"), ["mode=tune_runner"])
+    assert config.datasets["dataset_train_tr"]["data_path"] == str(out / "tune" / "all_train")
+    assert config.runners["tune_runner"]["best_config_path"] == str(out / "output" / "tune" / "best.yaml")
+    assert tune.best_mode(config, "tune_runner") == ["cpu_train_runner", "cpu_infer_runner"]
