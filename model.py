@@ -724,6 +724,8 @@ class FusedStep:
         self.model = model
         self.train_op = module.gru4rec_train_steps
         self.eval_op = module.gru4rec_eval_steps
+        self.backward_op = module.gru4rec_backward_step  # distributed: gradients of one step ...
+        self.update_op = module.gru4rec_update_step  # ... and, once combined, their update
         support = np.maximum(model.sampling_support(), 1).astype(np.float64)
         self.log_support = paddle.to_tensor(np.log(support).astype(np.float32))  # [n_items]
         self.score_mask = None  # [n_items]: 0, or -inf for items never seen in training; set at evaluation
@@ -738,27 +740,82 @@ class FusedStep:
             return model.hidden
         return paddle.zeros([0, sum(model.network.layers)])
 
-    def train(self, batch, samples, batch_size):
-        model = self.model
-        net, hp, opt = model.network, model.hp, model.optimizer
+    def slots(self):
+        net, opt = self.model.network, self.model.optimizer
         slots = []
         if opt.kind == "adagrad":
             slots += [opt.state[f"{n}.acc"] for n in net.param_names]
         if opt.momentum > 0:
             slots += [opt.state[f"{n}.mom"] for n in net.param_names]
-        sample_t = paddle.to_tensor(samples) if samples is not None else paddle.zeros([0, 0], dtype="int64")
-        attrs = fused_ops.attributes(fused_ops.TRAIN_ATTRS, dict(
+        return slots
+
+    def train_attributes(self, batch_size):
+        model = self.model
+        net, hp, opt = model.network, model.hp, model.optimizer
+        return fused_ops.attributes(fused_ops.TRAIN_ATTRS, dict(
             embedding=fused_ops.EMBEDDING_CODES[net.embedding], loss_kind=fused_ops.LOSS_CODES[model.loss_kind],
             optimizer=fused_ops.OPTIMIZER_CODES[opt.kind], batch_size=int(batch_size),
             dropout_embed=float(hp["dropout_embed"]), dropout_hidden=float(hp["dropout_hidden"]),
             logq=float(hp["logq"]), sample_alpha=float(hp["sample_alpha"]), bpreg=float(hp["bpreg"]),
             elu=float(hp["elu_param"]), lr=float(opt.lr), momentum=float(opt.momentum),
             seed=int(model.step_rng.integers(0, 2 ** 62))))
+
+    def train(self, batch, samples, batch_size):
+        if self.model.grad_reducer is not None:
+            return self.train_combined(batch, samples, batch_size)
+        model = self.model
+        sample_t = paddle.to_tensor(samples) if samples is not None else paddle.zeros([0, 0], dtype="int64")
         losses, model.hidden = self.train_op(
-            self.parameters(), slots, self.hidden(), paddle.to_tensor(batch.step_offsets),
+            self.parameters(), self.slots(), self.hidden(), paddle.to_tensor(batch.step_offsets),
             paddle.to_tensor(batch.inputs), paddle.to_tensor(batch.targets), paddle.to_tensor(batch.carry), sample_t,
-            self.log_support, *attrs)
+            self.log_support, *self.train_attributes(batch_size))
         return losses.numpy().astype(np.float64)
+
+    def train_combined(self, batch, samples, batch_size):
+        """Step by step: gradients, model.grad_reducer (distributed training combines the workers'
+        gradients there: {name: Tensor} dense, {name: (rows, Tensor)} row-sparse, as ReferenceStep
+        gives them), then the update of what it returns."""
+        model = self.model
+        net, opt = model.network, model.optimizer
+        sparse_names = net.row_sparse
+        dense_names = [n for n in net.param_names if n not in sparse_names]  # the operator's flat order
+        dense_shapes = [list(getattr(net, n).shape) for n in dense_names]
+        dense_sizes = [int(np.prod(s)) for s in dense_shapes]
+        params, slots = self.parameters(), self.slots()
+        update_attrs = fused_ops.attributes(fused_ops.APPLY_ATTRS, dict(
+            embedding=fused_ops.EMBEDDING_CODES[net.embedding], optimizer=fused_ops.OPTIMIZER_CODES[opt.kind],
+            lr=float(opt.lr), momentum=float(opt.momentum)))
+        losses = np.zeros(batch.n_steps, np.float64)
+        for s in range(batch.n_steps):
+            inputs, targets, carry, _ = batch.step(s)
+            if samples is None and model.loss_kind != "full_softmax" and len(inputs) < 2:
+                continue  # no negative for a lone row: as ReferenceStep, no update (and no exchange)
+            sample_t = (paddle.to_tensor(samples[s:s + 1]) if samples is not None
+                        else paddle.zeros([0, 0], dtype="int64"))
+            loss, hidden, dense, *tables = self.backward_op(
+                params, self.hidden(), paddle.to_tensor(inputs), paddle.to_tensor(targets),
+                paddle.to_tensor(carry), sample_t, self.log_support, *self.train_attributes(batch_size))
+            losses[s] = float(loss.numpy()[0])
+            if not np.isfinite(losses[s]):
+                break  # the train loop reports it
+            dense_grads = {n: g.reshape(shape) for n, g, shape in
+                           zip(dense_names, paddle.split(dense, dense_sizes), dense_shapes)}
+            sparse_grads = {}
+            for k, name in enumerate(sparse_names):
+                rows, grads = tables[2 * k].numpy(), tables[2 * k + 1]
+                sparse_grads[name] = (rows, grads.reshape([len(rows)] + list(getattr(net, name).shape[1:])))
+            dense_grads, sparse_grads = model.grad_reducer(dense_grads, sparse_grads)
+            flat = paddle.concat([dense_grads[n].reshape([-1]) for n in dense_names])
+            combined = []
+            for k in range(3):
+                if k < len(sparse_names):
+                    rows, grads = sparse_grads[sparse_names[k]]
+                    combined += [paddle.to_tensor(np.asarray(rows, np.int64)), grads.reshape([len(rows), -1])]
+                else:
+                    combined += [paddle.zeros([0], dtype="int64"), paddle.zeros([0, 1])]
+            self.update_op(params, slots, flat, *combined, *update_attrs)
+            model.hidden = hidden
+        return losses
 
     def evaluate(self, batch, topk, tie_mode):
         net = self.model.network
@@ -783,8 +840,6 @@ def fused_limits(model):
         return f"it runs on the CPU only (device is {paddle.get_device()})"
     if model.hp["optimizer.class"] not in fused_ops.OPTIMIZER_CODES:
         return f"it implements {' and '.join(fused_ops.OPTIMIZER_CODES)}, not {model.hp['optimizer.class']}"
-    if model.grad_reducer is not None:
-        return "distributed training combines gradients between the steps"
     return None
 
 

@@ -30,6 +30,7 @@ ADAGRAD_EPS = 1e-6
 TRAIN_ATTRS = ("embedding", "loss_kind", "optimizer", "batch_size", "dropout_embed", "dropout_hidden", "logq",
                "sample_alpha", "bpreg", "elu", "lr", "momentum", "seed")
 EVAL_ATTRS = ("embedding", "topk")
+APPLY_ATTRS = ("embedding", "optimizer", "lr", "momentum")
 
 log = logging.getLogger(__name__)
 _module = None
@@ -45,7 +46,8 @@ def layout():
         return ",".join(f"{name}={code}" for name, code in table.items())
 
     return (f"embedding:{codes(EMBEDDING_CODES)};loss:{codes(LOSS_CODES)};optimizer:{codes(OPTIMIZER_CODES)};"
-            f"adagrad_eps:{ADAGRAD_EPS:g};train_attrs:{','.join(TRAIN_ATTRS)};eval_attrs:{','.join(EVAL_ATTRS)}")
+            f"adagrad_eps:{ADAGRAD_EPS:g};train_attrs:{','.join(TRAIN_ATTRS)};eval_attrs:{','.join(EVAL_ATTRS)};"
+            f"apply_attrs:{','.join(APPLY_ATTRS)}")
 
 
 def prefer_fast_math_path():

@@ -36,6 +36,7 @@ import numpy as np
 
 from .errors import CheckpointError, PluginError, UserError
 from .files import atomic_folder, save_error
+from .vocab import read_vocab
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ def read_export(folder):
     verify_files(folder, files, required=REQUIRED_FILES + ((vocab,) if vocab else ()))
     labels = None
     if vocab:
-        labels = read_vocab(os.path.join(folder, vocab))
+        labels = read_vocab(os.path.join(folder, vocab), CheckpointError, "export the model again")
         if len(labels) != n_items:
             raise CheckpointError(f"{os.path.join(folder, vocab)}: {len(labels)} items, but the model has "
                                   f"{n_items}; the export is damaged")
@@ -316,17 +317,6 @@ def verify_files(folder, files, required=()):
         if found["sha256"] != expected.get("sha256"):
             raise CheckpointError(f"{path}: its sha256 differs from io.json's; the export is damaged (copy it "
                                   f"again, or export the model again)")
-
-
-def read_vocab(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            labels = [line.rstrip("\r\n") for line in f]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable vocab ({exc}); export the model again") from None
-    if len(set(labels)) != len(labels) or any(not label for label in labels):
-        raise CheckpointError(f"{path}: the vocab has empty or repeated lines; export the model again")
-    return labels
 
 
 # ---- ONNX (optional: requirements-onnx.txt) ----------------------------------------------------

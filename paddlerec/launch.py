@@ -39,6 +39,7 @@ import time
 import uuid
 
 from . import logs
+from .config import cpu_threads
 from .errors import ConfigError, DistributedError, Terminated
 from .job import JOB_FILE, LAUNCHER_LOG, STATUS_FILE, WORKER_LOG, parent_death_signal, read_json, write_json
 from .loops import StopMode
@@ -181,7 +182,7 @@ def _launcher_environment(environ, package_root):
 def _threads_per_worker(config, runner, nproc):
     """`thread_num` is the job's CPU-thread budget on a machine; its workers share it."""
     phases = list(runner["phases"]) + ([runner["eval_phase"]] if runner["eval_phase"] else [])
-    budget = max(config.phases[p]["thread_num"] for p in phases)
+    budget = max(cpu_threads(config.phases[p]["thread_num"]) for p in phases)
     return max(1, budget // nproc)
 
 

@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from . import logs
-from .config import load_config, used_phases
+from .config import cpu_threads, load_config, used_phases
 from .errors import UserError
 
 
@@ -36,7 +36,7 @@ def configure_logging(quiet):
 
 def set_threads(config):
     """Paddle reads OMP_NUM_THREADS once, when it is imported; it must be set before that."""
-    threads = max([config.phases[p]["thread_num"] for p in used_phases(config)] or [1])
+    threads = max([cpu_threads(config.phases[p]["thread_num"]) for p in used_phases(config)] or [1])
     os.environ["OMP_NUM_THREADS"] = str(threads)
     # numpy's own BLAS threads would only spin beside Paddle's: numpy does no heavy algebra here
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

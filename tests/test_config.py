@@ -384,3 +384,10 @@ def test_readme_config_reference_matches_the_declarations():
     expected = docs.config_reference_markdown()
     assert section == expected, ("README.md's config reference differs from the declarations; "
                                  "run `python -m paddlerec.docs --update README.md`")
+
+
+def test_thread_num_zero_means_every_core_this_process_may_use():
+    from paddlerec.config import cpu_threads
+
+    assert cpu_threads(3) == 3
+    assert cpu_threads(0) == len(os.sched_getaffinity(0))

@@ -30,3 +30,9 @@ def test_a_vocab_reads_as_labels_in_model_id_order(tmp_path):
     assert read_vocab(str(path)) == ["214500001", "214500002", "7"]
     with pytest.raises(DataError, match="cannot read the vocab"):
         read_vocab(str(tmp_path / "missing.txt"))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_label(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_bytes("\ufeff214500001\n214500002\n".encode("utf-8"))
+    assert read_vocab(str(path)) == ["214500001", "214500002"]
