@@ -20,8 +20,10 @@ MODEL = os.path.join(REPO, "model.py")
 READER = os.path.join(REPO, "rsc15_reader.py")
 
 
-def write_config(tmp_path, runners, mode, model=MODEL, batch_size=16, threads=2, data=f"{REPO}/data"):
-    """A config on the sample data (or `data`/train and `data`/test) whose every output lands under tmp_path."""
+def write_config(tmp_path, runners, mode, model=MODEL, batch_size=16, threads=2,
+                 data=f"{REPO}/data/sample_paddlerec"):
+    """A config on PaddleRec's sample data (data/sample_paddlerec), or on `data`/train and `data`/test,
+    whose every output lands under tmp_path."""
     text = f"""
 workspace: "{REPO}"
 dataset:
