@@ -1,10 +1,18 @@
 """What the data/ scripts share: their error type and their argument parser.
 
 The scripts run as `python data/<script>.py` (data/ is not a package), so each puts this
-folder on sys.path before importing this module.
+folder on sys.path before importing this module; this module puts the repository root there,
+so that they write files through paddlerec/files.py and read YAML through paddlerec/yamlfile.py
+(both standard library plus PyYAML only: nothing heavy is imported).
 """
 
 import argparse
+import os
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(1, _REPO)
 
 
 class DataError(Exception):

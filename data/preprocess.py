@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
 from cli_common import DataError, UsageParser  # noqa: E402
+from paddlerec.files import atomic_paths  # noqa: E402
 
 
 log = logging.getLogger(__name__)
@@ -493,23 +494,12 @@ def split_paths(out_prefix: str) -> dict:
     return {name: f"{out_prefix}_{name}.tsv" for name in SPLIT_NAMES}
 
 
-def _temp_name(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
-
-
 def _write_outputs_atomically(paths: dict, splits: dict) -> None:
-    """Write all splits under temporary names, then rename them into place."""
-    temps = {name: _temp_name(path) for name, path in paths.items()}
-    try:
-        for name in SPLIT_NAMES:
-            write_tsv(temps[name], splits[name])
+    """Write all splits under hidden temporary names, then rename them into place (all or none)."""
+    with atomic_paths(*(paths[name] for name in SPLIT_NAMES)) as temps:
+        for name, temp in zip(SPLIT_NAMES, temps):
+            write_tsv(temp, splits[name])
             log.info("wrote %s (%d rows)", paths[name], len(splits[name]))
-        for name in SPLIT_NAMES:
-            os.replace(temps[name], paths[name])
-    finally:
-        for temp in temps.values():
-            if os.path.exists(temp):
-                os.remove(temp)
 
 
 # --------------------------------------------------------------------------

@@ -26,6 +26,8 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
 from cli_common import DataError, UsageParser  # noqa: E402
+from paddlerec import yamlfile  # noqa: E402
+from paddlerec.files import atomic_files, write_text  # noqa: E402
 
 
 log = logging.getLogger(__name__)
@@ -96,43 +98,11 @@ def map_test(test_path: str, vocab: dict, out_stream) -> dict:
     return counts
 
 
-class AtomicOutputs:
-    """Files written under temporary names and renamed together on success.
-
-    Leaving the block by an exception removes the temporaries, so a failed run
-    leaves no partial output under a final name.
-    """
-
-    def __init__(self, *paths: str):
-        self.paths = paths
-        self.temps = [f"{path}.tmp{os.getpid()}" for path in paths]
-        self.streams = []
-
-    def __enter__(self):
-        for path, temp in zip(self.paths, self.temps):
-            directory = os.path.dirname(path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            self.streams.append(open(temp, "w", encoding="ascii", newline="\n"))
-        return self.streams
-
-    def __exit__(self, exc_type, exc, tb):
-        for stream in self.streams:
-            stream.close()
-        if exc_type is None:
-            for path, temp in zip(self.paths, self.temps):
-                os.replace(temp, path)
-        for temp in self.temps:
-            if os.path.exists(temp):
-                os.remove(temp)
-        return False
-
-
 def build(train_path: str, test_path: str, vocab_path: str,
           train_out: str, test_out: str) -> dict:
     """Vocabulary from train, both files mapped; returns the counts it logged."""
-    with AtomicOutputs(vocab_path, train_out, test_out) as (vocab_stream, train_stream,
-                                                           test_stream):
+    with atomic_files(vocab_path, train_out, test_out, encoding="ascii",
+                      newline="\n") as (vocab_stream, train_stream, test_stream):
         vocab, sessions, events = map_train(train_path, train_stream)
         if not vocab:
             raise DataError("the training file has no sessions", train_path,
@@ -168,15 +138,12 @@ def _replace_output_prefix(value, out_dir: str):
 def load_yaml_config(path: str) -> dict:
     """The repository config as a dict; DataError (with line) when unreadable."""
     try:
-        with open(path, encoding="utf-8") as stream:
-            config = yaml.safe_load(stream)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise DataError(f"cannot read the config ({exc.strerror})", path,
+        config = yamlfile.load_file(path)
+    except OSError as exc:
+        raise DataError(f"cannot read the config ({exc.strerror or exc})", path,
                         hint="pass the repository's config.yaml") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise DataError(f"invalid YAML ({getattr(exc, 'problem', None) or exc})", path,
-                        mark.line + 1 if mark else None, hint="fix the file") from None
+    except yamlfile.YamlProblem as exc:
+        raise DataError(str(exc), path, exc.line) from None
     if not isinstance(config, dict):
         raise DataError("config is not a YAML mapping", path, hint="pass the repository's config.yaml")
     for key in ("dataset", "runner"):
@@ -225,8 +192,7 @@ def write_config(repo_config: str, out_dir: str, workspace: str | None = None) -
             "# for the data in this folder; regenerate it rather than editing it.\n"
             + yaml.safe_dump(config, sort_keys=False, default_flow_style=False,
                              allow_unicode=True))
-    with AtomicOutputs(target) as (stream,):
-        stream.write(text)
+    write_text(target, text)
     log.info("config: %s (workspace %s)", target, config["workspace"])
     return target
 

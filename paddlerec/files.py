@@ -10,9 +10,11 @@ Only the standard library: the data/ scripts use this module and must start fast
 """
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from contextlib import ExitStack, contextmanager
 
@@ -29,6 +31,54 @@ def temporary_name(path):
     folder, name = os.path.split(path)
     stem, ext = os.path.splitext(name)
     return os.path.join(folder, f".{stem}.tmp-{os.getpid()}{ext}")
+
+
+# what temporary_name makes, and what the data scripts wrote before they used this module
+# (`train.txt.tmp1234`): either way the pid of the writer is in the name
+_TEMPORARY = re.compile(r"^\.(?P<stem>.*)\.tmp-(?P<pid>\d+)(?P<ext>\.[^.]*)?$")
+_LEGACY_TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
+
+
+def stale_temporary(name):
+    """True when `name` is a temporary (this module's or a legacy one) whose writer is gone."""
+    match = _TEMPORARY.match(name) or _LEGACY_TEMPORARY.match(name)
+    return bool(match) and not _alive(int(match.group("pid")))
+
+
+def looks_temporary(name):
+    """True for a name a writer uses while a file is incomplete (whether or not the writer still runs)."""
+    return bool(_TEMPORARY.match(name) or _LEGACY_TEMPORARY.match(name))
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that killed writers left in `folder` (a kill skips every cleanup);
+    those of running writers are left alone. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(folder, name)
+        if stale_temporary(name) and os.path.isfile(path) and not os.path.islink(path):
+            _remove(path)
+            removed.append(name)
+    if removed:
+        log.info("removed %d temporary file(s) left in %s by an interrupted run: %s", len(removed), folder,
+                 ", ".join(sorted(removed)))
+    return removed
 
 
 def _remove(path):
@@ -48,6 +98,8 @@ def atomic_paths(*paths):
     try:
         for path in paths:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        for folder in sorted({os.path.dirname(path) or "." for path in paths}):
+            remove_stale_temporaries(folder)
         yield temps
         for temp, path in zip(temps, paths):
             os.replace(temp, path)
@@ -78,6 +130,17 @@ def write_text(path, text):
 
 def write_json(path, value):
     write_text(path, json.dumps(value, indent=1, sort_keys=True))
+
+
+def file_digest(path):
+    """{"bytes": size, "sha256": hex digest} of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def _fsync_dir(path):
