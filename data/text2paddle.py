@@ -27,7 +27,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
 from cli_common import DataError, UsageParser  # noqa: E402
 from paddlerec import yamlfile  # noqa: E402
-from paddlerec.files import atomic_files, write_text  # noqa: E402
+from paddlerec.files import atomic_files, temporary_name, write_text  # noqa: E402
 
 
 log = logging.getLogger(__name__)
@@ -179,21 +179,51 @@ def make_config(config: dict, out_dir: str, workspace: str, path: str = "config"
     return config
 
 
-def write_config(repo_config: str, out_dir: str, workspace: str | None = None) -> str:
-    """Write ``<out_dir>/config.yaml`` derived from `repo_config`; returns its path.
+def config_text(repo_config: str, out_dir: str, workspace: str | None = None) -> str:
+    """The text of ``<out_dir>/config.yaml`` derived from `repo_config`, validated as
+    ``paddlerec.run`` will validate it (except that the data files need not exist yet);
+    DataError naming the key otherwise.
 
     `workspace` defaults to the directory holding `repo_config` (the repository).
     """
     config = load_yaml_config(repo_config)
     workspace = workspace or os.path.dirname(os.path.abspath(repo_config))
     config = make_config(config, out_dir, workspace, repo_config)
-    target = os.path.join(out_dir, "config.yaml")
     text = (f"# Written by data/text2paddle.py --write-config from {os.path.abspath(repo_config)}\n"
             "# for the data in this folder; regenerate it rather than editing it.\n"
             + yaml.safe_dump(config, sort_keys=False, default_flow_style=False,
                              allow_unicode=True))
+    check_config_text(text, out_dir, repo_config)
+    return text
+
+
+def check_config_text(text: str, out_dir: str, repo_config: str) -> None:
+    """DataError unless `text`, saved as ``<out_dir>/config.yaml``, passes paddlerec's validation."""
+    from paddlerec.config import load_config
+    from paddlerec.errors import ConfigError
+
+    os.makedirs(out_dir, exist_ok=True)
+    # checked where it will live (relative paths in it resolve against out_dir), under a hidden
+    # name that nothing reads as a config
+    probe = temporary_name(os.path.join(out_dir, "config.yaml"))
+    try:
+        with open(probe, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        load_config(probe, check_files=False)
+    except ConfigError as exc:
+        raise DataError(f"the adapted config would not run ({exc})", repo_config,
+                        hint="fix it, or pass another with --config") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
+def write_config(repo_config: str, out_dir: str, workspace: str | None = None) -> str:
+    """Write ``<out_dir>/config.yaml`` derived from `repo_config`; returns its path."""
+    text = config_text(repo_config, out_dir, workspace)
+    target = os.path.join(out_dir, "config.yaml")
     write_text(target, text)
-    log.info("config: %s (workspace %s)", target, config["workspace"])
+    log.info("config: %s", target)
     return target
 
 
@@ -208,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", help="test sessions (original ids, one per line)")
     parser.add_argument("--write-config", metavar="REPO_CONFIG",
                         help="also write OUT/config.yaml from this config.yaml")
+    parser.add_argument("--check-config", metavar="REPO_CONFIG",
+                        help="only check that the config written from REPO_CONFIG would run "
+                             "(data_prepare.sh does it before any data work)")
     parser.add_argument("--workspace",
                         help="workspace for the written config (default: the folder of "
                              "REPO_CONFIG)")
@@ -221,6 +254,17 @@ def main(argv=None) -> int:
     if (args.train is None) != (args.test is None):
         print("error: --train and --test go together; pass both", file=sys.stderr)
         return 2
+    if args.check_config is not None:
+        try:
+            config_text(args.check_config, args.out_dir, args.workspace)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {exc.strerror or exc}, {exc.filename or args.out_dir}; "
+                  "check the output folder", file=sys.stderr)
+            return 1
+        return 0
     if args.train is None and args.write_config is None:
         print("error: nothing to do; pass --train and --test, and/or --write-config",
               file=sys.stderr)

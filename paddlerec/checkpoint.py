@@ -13,16 +13,15 @@ Everything is written into a hidden temporary folder next to the target and rena
 place only when complete; a folder without meta.json/io.json is never picked up.
 """
 
-import errno
 import json
 import logging
 import os
-import shutil
 import time
 
 import paddle
 
-from .errors import CheckpointError, UserError
+from . import files
+from .errors import CheckpointError, SaveError  # noqa: F401  (runners raise checkpoint.SaveError)
 from .files import file_digest
 
 log = logging.getLogger(__name__)
@@ -35,24 +34,6 @@ OPTIMIZER = "optimizer.pdopt"
 IO = "io.json"
 
 
-class SaveError(UserError):
-    exit_code = 1
-    prefix = "save error"
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path, value):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1, sort_keys=True)
@@ -61,44 +42,12 @@ def _write_json(path, value):
 
 
 def atomic_folder(root, name, fill):
-    """Create `<root>/<name>/` by calling fill(tmp_folder) and renaming; replaces an old one."""
+    """Create `<root>/<name>/` by calling fill(tmp_folder) and renaming; replaces an old one. The
+    temporary folder is removed whatever ends the save (a full disk, SIGTERM, ...)."""
     try:
-        os.makedirs(root, exist_ok=True)
-        tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
-        _remove_leftovers(root, name, "tmp")
-        os.makedirs(tmp)
-        fill(tmp)
-        for entry in os.listdir(tmp):
-            path = os.path.join(tmp, entry)
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        final = os.path.join(root, name)
-        old = None
-        if os.path.exists(final):
-            old = os.path.join(root, f".old-{name}-{os.getpid()}")
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-        _remove_leftovers(root, name, "old")
-        return final
+        return files.atomic_folder(root, name, fill)
     except OSError as exc:
-        shutil.rmtree(os.path.join(root, f".tmp-{name}-{os.getpid()}"), ignore_errors=True)
-        hint = "free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions"
-        raise SaveError(f"cannot write {os.path.join(root, name)}: {exc.strerror or exc}; {hint}. "
-                        f"Earlier checkpoints are untouched.") from None
-
-
-def _remove_leftovers(root, name, kind):
-    """A process killed while saving `name` left `.tmp-<name>-<pid>` (or, killed while replacing
-    it, `.old-<name>-<pid>`) behind, never picked up as a checkpoint; saving `name` again is the
-    moment to reclaim the space (the .old copy only once the new one is in place)."""
-    for entry in os.listdir(root):
-        if entry.startswith(f".{kind}-{name}-"):
-            log.info("removing %s, left by an interrupted save", os.path.join(root, entry))
-            shutil.rmtree(os.path.join(root, entry))
+        raise files.save_error(os.path.join(root, name), exc, ". Earlier checkpoints are untouched.") from None
 
 
 def save_checkpoint(root, epoch, model, meta):

@@ -1,7 +1,7 @@
 """`python -m paddlerec.run -m config.yaml [-o KEY=VALUE ...]`: run the runners named in `mode`.
 
 Exit codes: 0 done; 2 invalid config or input (one line on stderr, no traceback);
-1 a run that failed (NaN loss, disk full, ...); 130 interrupted.
+1 a run that failed (NaN loss, disk full, ...); 130 interrupted (Ctrl-C); 143 stopped by SIGTERM.
 """
 
 import argparse
@@ -14,6 +14,7 @@ import warnings
 
 from .config import load_config, used_phases
 from .errors import UserError
+from .termination import Terminated, newest_checkpoints, sigterm_raises
 
 
 def parse_args(argv):
@@ -62,6 +63,7 @@ def import_paddle_quietly():
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging(args.quiet)
+    config = None
     try:
         config = load_config(args.model, args.override)
         set_threads(config)
@@ -69,7 +71,12 @@ def main(argv=None):
         import_paddle_quietly()
         from .runners import RunContext, run
 
-        run(RunContext(config, show_progress=not args.no_progress))
+        with sigterm_raises():  # after Paddle's import, which installs its own handler
+            run(RunContext(config, show_progress=not args.no_progress))
+    except Terminated:
+        newest = newest_checkpoints(config) if config is not None else "none yet"
+        print(f"terminated (SIGTERM); nothing is half-written; newest complete checkpoint: {newest}", file=sys.stderr)
+        return Terminated.exit_code
     except UserError as exc:
         print(f"{exc.prefix}: {exc}", file=sys.stderr)
         return exc.exit_code
