@@ -34,3 +34,19 @@ class UsageParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def run_main(main) -> int:
+    """main()'s exit code; SIGTERM (like Ctrl-C) unwinds through the scripts' atomic writers, so
+    their temporaries are removed, and ends in one line and exit code 143 (130 for Ctrl-C)."""
+    from paddlerec.termination import Terminated, sigterm_raises
+
+    try:
+        with sigterm_raises():
+            return main()
+    except Terminated:
+        print("terminated (SIGTERM); no output was left half-written", file=sys.stderr)
+        return Terminated.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output was left half-written", file=sys.stderr)
+        return 130

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
-from cli_common import DataError, UsageParser  # noqa: E402
+from cli_common import DataError, UsageParser, run_main  # noqa: E402
 from paddlerec.files import atomic_file  # noqa: E402
 
 
@@ -166,4 +166,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

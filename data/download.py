@@ -37,7 +37,7 @@ import requests
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
-from cli_common import UsageParser  # noqa: E402
+from cli_common import UsageParser, run_main  # noqa: E402
 from paddlerec.files import atomic_paths  # noqa: E402
 
 
@@ -314,4 +314,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

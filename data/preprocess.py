@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
-from cli_common import DataError, UsageParser  # noqa: E402
+from cli_common import DataError, UsageParser, run_main  # noqa: E402
 from paddlerec.files import atomic_paths  # noqa: E402
 
 
@@ -297,14 +297,21 @@ def parse_block(block: bytes, first_line: int, malformed: Malformed,
 def iter_blocks(stream, block_bytes: int):
     """Yield (first_line_number, bytes) pieces of a binary stream cut at newlines.
 
-    A final line without a newline gets one, so every piece ends with b"\\n".
+    A final line without a newline gets one, so every piece ends with b"\\n". A file whose
+    lines end in a lone b"\\r" (old Mac tools) is read as if they ended in b"\\n": otherwise it
+    would be one line, and every click a malformed row.
     """
     carry = b""
     line_no = 1
+    cr_only = None  # decided on the first block
     while True:
         chunk = stream.read(block_bytes)
         if not chunk:
             break
+        if cr_only is None:
+            cr_only = b"\r" in chunk and b"\n" not in chunk
+        if cr_only:
+            chunk = chunk.replace(b"\r", b"\n")
         chunk = carry + chunk if carry else chunk
         cut = chunk.rfind(b"\n") + 1
         if cut == 0:
@@ -613,4 +620,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,7 +25,7 @@ import sys
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
-from cli_common import DataError, UsageParser  # noqa: E402
+from cli_common import DataError, UsageParser, run_main  # noqa: E402
 from paddlerec import yamlfile  # noqa: E402
 from paddlerec.files import atomic_files, temporary_name, write_text  # noqa: E402
 
@@ -288,4 +288,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -95,23 +95,32 @@ def run_of(path):
 def resolve(path, key, all_of_them=False):
     """A checkpoint folder, or its parent: the newest checkpoint (or every one, when all_of_them)
     of the training run that saved last there. Checkpoints an earlier run left in the same
-    folder are skipped, and said so: mixing two runs' epochs would mislead."""
+    folder are skipped, and said so: mixing two runs' epochs would mislead.
+
+    Every checkpoint returned has a sound meta.json and weights file (size and sha256), so that a
+    damaged one stops the run before any work, not after the others were evaluated."""
     if not os.path.exists(path):
         raise CheckpointError(f"{key}: {path} does not exist; train first (a train runner with "
                               f"save_checkpoint_path) or point it at a checkpoint")
     if is_checkpoint(path):
-        return [path]
-    found = list_checkpoints(path)
-    if not found:
-        raise CheckpointError(f"{key}: {path} holds no complete checkpoint (a folder <epoch>/ with {META})")
-    runs = {p: run_of(p) for _, p in found}
-    latest_run = max(runs.values(), key=lambda r: r[1])[0]
-    current = [(e, p) for e, p in found if runs[p][0] == latest_run]
-    stale = [e for e, p in found if runs[p][0] != latest_run]
-    if stale:
-        log.warning("%s: skipping checkpoint(s) %s left there by an earlier training run; using the latest run's "
-                    "epochs %s", path, ", ".join(map(str, stale)), ", ".join(str(e) for e, _ in current))
-    return [p for _, p in current] if all_of_them else [current[-1][1]]
+        chosen = [path]
+    else:
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{key}: {path} holds no complete checkpoint (a folder <epoch>/ with {META})")
+        for _, p in found:
+            read_meta(p)  # a damaged meta.json is said so, not taken for another run's
+        runs = {p: run_of(p) for _, p in found}
+        latest_run = max(runs.values(), key=lambda r: r[1])[0]
+        current = [(e, p) for e, p in found if runs[p][0] == latest_run]
+        stale = [e for e, p in found if runs[p][0] != latest_run]
+        if stale:
+            log.warning("%s: skipping checkpoint(s) %s left there by an earlier training run; using the latest "
+                        "run's epochs %s", path, ", ".join(map(str, stale)), ", ".join(str(e) for e, _ in current))
+        chosen = [p for _, p in current] if all_of_them else [current[-1][1]]
+    for p in chosen:
+        verify_file(p, WEIGHTS, read_meta(p))
+    return chosen
 
 
 DAMAGED = "the checkpoint is damaged; use another one (or train again)"

@@ -1,6 +1,10 @@
 """Recall@K and MRR@K from target ranks, with exact integer counts."""
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class RankMetrics:
@@ -21,7 +25,11 @@ class RankMetrics:
             self.reciprocal[c] += float((1.0 / ranks[inside]).sum())
 
     def result(self):
-        """{"recall@K": ..., "mrr@K": ..., "targets": n}, recall/mrr as fractions of all targets."""
+        """{"recall@K": ..., "mrr@K": ..., "targets": n}, recall/mrr as fractions of all targets.
+        With no target at all they are 0 and mean nothing: said so by a warning."""
+        if not self.targets:
+            log.warning("the evaluation had 0 targets (no session with 2+ clicks on items the model knows), so its "
+                        "metrics mean nothing; check the evaluation data and its vocab")
         n = max(self.targets, 1)
         out = {}
         for c in self.cutoffs:

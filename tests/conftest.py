@@ -6,3 +6,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def test_seed():
+    """A seed for a test's random choices: TEST_SEED from the environment (to replay a failure), else
+    a fresh one. Printed, so that a failing run's captured output names it."""
+    import secrets
+
+    seed = int(os.environ.get("TEST_SEED") or secrets.randbits(32))
+    print(f"test seed: {seed} (replay with TEST_SEED={seed})")
+    return seed
