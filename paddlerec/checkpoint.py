@@ -119,7 +119,7 @@ def resolve(path, key, all_of_them=False):
                         "run's epochs %s", path, ", ".join(map(str, stale)), ", ".join(str(e) for e, _ in current))
         chosen = [p for _, p in current] if all_of_them else [current[-1][1]]
     for p in chosen:
-        verify_file(p, WEIGHTS, read_meta(p))
+        verify_file(p, WEIGHTS, read_meta(p, keys=()))
     return chosen
 
 
@@ -140,8 +140,13 @@ def _is_count(value, least=0):
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def read_meta(path):
-    """meta.json of checkpoint `path`, with every key the runners read checked; CheckpointError else."""
+# what the runners read from meta.json, beyond what loading the files needs
+RUN_KEYS = ("epoch", "signature", "hyper_parameters", "data")
+
+
+def read_meta(path, keys=RUN_KEYS):
+    """meta.json of checkpoint `path`, with `keys` (and, from format 2 on, the files' checksums and
+    the tensors) checked; CheckpointError else."""
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         what = "is a folder, not a file" if os.path.isdir(meta_path) else "is missing"
@@ -163,12 +168,12 @@ def read_meta(path):
         raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not one this version reads "
                               f"({', '.join(map(str, READABLE_FORMATS))}); train again with this version")
     problems = []
-    if not _is_count(meta.get("epoch")):
+    if "epoch" in keys and not _is_count(meta.get("epoch")):
         problems.append("epoch")
-    for key in ("signature", "hyper_parameters", "data") + (("files", "tensors") if fmt >= 2 else ()):
+    for key in [k for k in keys if k != "epoch"] + (["files", "tensors"] if fmt >= 2 else []):
         if not isinstance(meta.get(key), dict):
             problems.append(key)
-    if isinstance(meta.get("data"), dict) and not _is_count(meta["data"].get("n_items"), 1):
+    if "data" in keys and isinstance(meta.get("data"), dict) and not _is_count(meta["data"].get("n_items"), 1):
         problems.append("data.n_items")
     if isinstance(meta.get("files"), dict):
         for name in (WEIGHTS, OPTIMIZER):
@@ -247,7 +252,7 @@ def _load(full):
 def load_into(model, path, with_optimizer=True):
     """Load checkpoint `path` into `model` after checking its files (size, sha256) and every weight
     tensor's name, shape and dtype against the model; CheckpointError names what is wrong."""
-    meta = read_meta(path)
+    meta = read_meta(path, keys=())
     names = (WEIGHTS, OPTIMIZER) if with_optimizer else (WEIGHTS,)
     for name in names:
         verify_file(path, name, meta)
