@@ -33,9 +33,10 @@ def temporary_name(path):
     return os.path.join(folder, f".{stem}.tmp-{os.getpid()}{ext}")
 
 
-# what temporary_name makes, and what the data scripts wrote before they used this module
-# (`train.txt.tmp1234`): either way the pid of the writer is in the name
-_TEMPORARY = re.compile(r"^\.(?P<stem>.*)\.tmp-(?P<pid>\d+)(?P<ext>\.[^.]*)?$")
+# what temporary_name makes (and its unhidden form `curves.png.tmp-1234.png` of earlier versions),
+# and what the data scripts wrote before they used this module (`train.txt.tmp1234`): either way
+# the pid of the writer is in the name
+_TEMPORARY = re.compile(r"^\.?(?P<stem>.*)\.tmp-(?P<pid>\d+)(?P<ext>\.[^.]*)?$")
 _LEGACY_TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
 
 

@@ -192,12 +192,13 @@ def test_leftovers_of_killed_runs_are_removed_by_the_rerun(folder, tmp_path):
 def test_the_reader_never_loads_a_temporary(tmp_path, caplog):
     folder = tmp_path / "all_train"
     write_sessions(str(folder / "train.txt"), [[0, 1, 2], [1, 2]])
-    for name in (".train.tmp-123.txt", "train.txt.tmp4567", f".train.tmp-{os.getpid()}.txt"):
+    for name in (".train.tmp-123.txt", "train.txt.tmp4567", "train.txt.tmp-89.txt", f".train.tmp-{os.getpid()}.txt"):
         write_sessions(str(folder / name), [[0, 1]] * 40)
     with caplog.at_level("INFO"):
         reader = rsc15_reader.Reader(str(folder))
     assert reader.n_queries == 2
-    assert "train.txt.tmp4567" in caplog.text and "interrupted write" in caplog.text
+    assert "train.txt.tmp4567" in caplog.text and "train.txt.tmp-89.txt" in caplog.text
+    assert "interrupted write" in caplog.text
 
 
 # ---- class 2: data_prepare.sh decides by content -------------------------------------------------
