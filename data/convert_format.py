@@ -38,8 +38,11 @@ INT64_MAX = 2**63 - 1  # ids are held as int64
 def read_header(path: str) -> list[str]:
     """Column names of a TSV split; DataError when a required one is missing."""
     try:
-        with open(path, encoding="utf-8", newline=None) as stream:
-            header = stream.readline().rstrip("\n").split("\t")
+        # the first line only: decoding the whole first buffer would blame line 1 for a later byte
+        with open(path, "rb") as stream:
+            first = stream.readline(1 << 20)  # a header is short; a CR-only file has no \n at all
+        first = first.splitlines()[0] if first.strip() else b""
+        header = first.decode("utf-8-sig").split("\t")
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise DataError(f"cannot read the split ({exc.strerror})", path,
                         hint="pass a GRU4Rec TSV split such as rsc15_train_full.tsv") from None

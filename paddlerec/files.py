@@ -85,7 +85,7 @@ def remove_stale_temporaries(folder):
 def _remove(path):
     try:
         os.remove(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # never created
         pass
     except OSError as exc:  # raising here would hide the error that brought us here
         log.warning("cannot remove the temporary file %s: %s", path, exc.strerror or exc)
