@@ -138,12 +138,14 @@ def parse_row(raw: bytes) -> tuple[int, int, int]:
         raise RowError(f"expected 4 comma-separated fields "
                        f"(SessionID,Timestamp,ItemID,Category), found {len(fields)}")
     session, stamp, item, _category = fields
-    if not _INT_RE.match(session):
-        hint = " (a header line?)" if session.strip().isalpha() else ""
-        raise RowError(f"session id {_show(session)} is not a non-negative "
-                       f"integer{hint}")
-    if not _INT_RE.match(item):
-        raise RowError(f"item id {_show(item)} is not a non-negative integer")
+    for name, value in (("session id", session), ("item id", item)):
+        if _INT_RE.match(value):
+            continue
+        if value.isdigit():  # reported as written, not as what an int64 would make of it
+            raise RowError(f"{name} {value.decode('ascii')} has more than {MAX_ID_DIGITS} digits, "
+                           f"more than this pipeline holds")
+        hint = " (a header line?)" if name == "session id" and value.strip().isalpha() else ""
+        raise RowError(f"{name} {_show(value)} is not a non-negative integer{hint}")
     return int(session), parse_timestamp(stamp), int(item)
 
 

@@ -629,6 +629,19 @@ def test_a_huge_id_is_reported_as_itself(huge, tmp_path):
     with pytest.raises(convert.DataError) as refused:
         convert.convert(str(tsv), str(tmp_path / "out.txt"))
     assert huge in str(refused.value) and ":3" in str(refused.value)
+    preprocess = load_script("preprocess")
+    with pytest.raises(preprocess.RowError, match=huge):
+        preprocess.parse_row(f"1,2014-04-07T10:51:09.277Z,{huge},0".encode())
+
+
+def test_a_non_utf8_byte_in_a_split_is_reported_on_its_line(tmp_path):
+    convert = load_script("convert_format")
+    tsv = tmp_path / "split.tsv"
+    tsv.write_bytes(b"SessionId\tItemId\tTime\n1\t5\t1.0\n1\t6\t2.0\n2\t\xe97\t3.0\n")
+    with pytest.raises(convert.DataError) as refused:
+        convert.convert(str(tsv), str(tmp_path / "out.txt"))
+    assert f"{tsv}:4" in str(refused.value)
+    assert not (tmp_path / "out.txt").exists()
 
 
 def test_the_largest_id_that_fits_is_read_as_itself(tmp_path):
