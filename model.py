@@ -20,7 +20,8 @@ Two implementations of the training step share the parameters and the data path:
 
 import logging
 import math
-import os
+
+from csrc import kernel as fused_ops  # first: it prepares MKL's environment before any product runs
 
 import numpy as np
 import paddle
@@ -64,7 +65,7 @@ HYPER_PARAMETERS = (
                "is built and supports the settings"),
 )
 
-ADAGRAD_EPS = 1e-6
+ADAGRAD_EPS = fused_ops.ADAGRAD_EPS  # one value for both steps (csrc/kernel.py)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -177,8 +178,10 @@ class GRU4RecNet(paddle.nn.Layer):
 class InferenceStep(paddle.nn.Layer):
     """What `paddle.inference` serves: one click per row in, top-K and the next state out.
 
-    item_ids [n] int64, hidden [n, sum(layers)] float32 (zeros at a session's start) ->
-    topk_ids [n, k] int64, topk_scores [n, k] float32, next_hidden [n, sum(layers)].
+    item_ids [n] int64, hidden [n, sum(layers)] float32 (zeros at a session's start),
+    exclude_ids [n, m] int64 (model ids never to return for that row, e.g. the session's clicks;
+    padded with n_items; m may be 0) -> topk_ids [n, k] int64, topk_scores [n, k] float32,
+    next_hidden [n, sum(layers)]. Without exclude_ids (None when traced) the step has two inputs.
     """
 
     def __init__(self, network, topk):
@@ -186,17 +189,24 @@ class InferenceStep(paddle.nn.Layer):
         self.network = network
         self.topk = min(topk, network.n_items)
 
-    def forward(self, item_ids, hidden):
+    def forward(self, item_ids, hidden, exclude_ids=None):
         sizes = self.network.layers
         hidden_list = paddle.split(hidden, sizes, axis=1) if len(sizes) > 1 else [hidden]
         x, new_hidden = self.network.step(item_ids, hidden_list)
-        scores = self.network.all_scores(x) + self.network.score_mask()
+        scores = self.network.all_scores(x) + self.network.score_mask()  # [n, n_items]
+        if exclude_ids is not None:
+            # a spare last column takes the padding id n_items, so rows may exclude different counts
+            padded = paddle.concat([scores, paddle.zeros_like(scores[:, :1])], axis=1)  # [n, n_items + 1]
+            # the value is a tensor of exclude_ids' shape: a scalar would need that shape, unknown when saving
+            minus_inf = paddle.zeros_like(exclude_ids, dtype=scores.dtype) - float("inf")  # [n, m]
+            padded = paddle.put_along_axis(padded, exclude_ids, minus_inf, axis=1, broadcast=False)
+            scores = padded[:, :-1]
         topk_scores, topk_ids = paddle.topk(scores, self.topk, axis=1)
         next_hidden = paddle.concat(new_hidden, axis=1) if len(sizes) > 1 else new_hidden[0]
         return topk_ids, topk_scores, next_hidden
 
 
-INFERENCE_INPUTS = ("item_ids", "hidden")
+INFERENCE_INPUTS = ("item_ids", "hidden", "exclude_ids")
 INFERENCE_OUTPUTS = ("topk_ids", "topk_scores", "next_hidden")
 
 
@@ -422,12 +432,12 @@ class Model:
             self.network.item_support.set_value(paddle.to_tensor(self.train_support))
         self.optimizer = RowSparseOptimizer(self.network, hparams["optimizer.class"],
                                             hparams["optimizer.learning_rate"], hparams["optimizer.momentum"])
-        self.batch_size = None  # the configured mini-batch size normalises the loss; set by begin_epoch
         self.hidden = None
         self.grad_reducer = None  # distributed training combines gradients here
         self._sampler = None
-        self._kernel = None  # None: not decided yet; False: reference path; else a FusedKernel
-        self._eval_kernel = None
+        # how a step is computed, chosen once (ReferenceStep or FusedStep) at the first epoch
+        self._train_impl = None
+        self._eval_impl = None
 
     # ---- contract -------------------------------------------------------------------
     def signature(self):
@@ -454,12 +464,11 @@ class Model:
     def known_items(self):
         return self.network.item_support.numpy() > 0
 
-    def begin_epoch(self, epoch, training, batch_size=None):
+    def begin_epoch(self, epoch, training):
         """Fresh hidden state; dropout seeded from (seed, epoch). The negative-sample store is one
         stream over all epochs, as in the official code. The kernel is chosen (and loaded) here,
         outside the epoch's timing."""
         self.hidden = None
-        self.batch_size = batch_size
         if training:
             seed = self.hp["seed"]
             # distributed workers draw their own dropout masks (negatives stay shared by all of
@@ -471,9 +480,9 @@ class Model:
                 # a restored model keeps knowing the items it knew; the new data's items join them
                 known = np.maximum(self.network.item_support.numpy(), self.train_support)
                 self.network.item_support.set_value(paddle.to_tensor(known))
-            self.kernel()
+            self.train_impl()
         else:
-            self.eval_kernel()
+            self.eval_impl()
 
     def sampling_support(self):
         return self.train_support if self.train_support is not None else self.network.item_support.numpy()
@@ -486,98 +495,118 @@ class Model:
                                             seed=[self.hp["seed"], 2])
         return self._sampler
 
-    def train_step(self, batch):
-        """Train on every mini-batch of `batch`; returns their losses (sum over rows / batch_size)."""
+    def train_step(self, batch, batch_size):
+        """Train on every mini-batch of `batch`; returns each one's summed row losses. The
+        gradient is that of the sum / batch_size (the configured size: a shrinking last
+        mini-batch weighs less, as in the official code)."""
         samples = self.sampler.take(batch.n_steps) if self.n_sample > 0 else None
-        kernel = self.kernel()
-        if kernel is not None:
-            return kernel.train(self, batch, samples)
-        losses = np.zeros(batch.n_steps, np.float64)
-        for s in range(batch.n_steps):
-            inputs, targets, carry, _ = batch.step(s)
-            losses[s] = self._reference_step(inputs, targets, carry, None if samples is None else samples[s])
-        return losses
+        return self.train_impl().train(batch, samples, batch_size)
 
     def eval_step(self, batch, topk, tie_mode):
-        kernel = self.eval_kernel()
-        if kernel is not None:
-            return kernel.evaluate(self, batch, topk, tie_mode)
-        net = self.network
-        mask = net.score_mask()
-        ranks, query_ids, topk_ids, topk_scores = [], [], [], []
-        k = min(topk, net.n_items)
-        with paddle.no_grad():
-            for s in range(batch.n_steps):
-                inputs, targets, carry, sessions = batch.step(s)
-                hidden = self._carried(carry)
-                x, self.hidden = net.step(paddle.to_tensor(inputs), hidden)
-                scores = net.all_scores(x) + mask
-                has_target = targets >= 0
-                if has_target.any():
-                    rows = paddle.to_tensor(np.flatnonzero(has_target))
-                    ranks.append(rank_targets(paddle.gather(scores, rows), paddle.to_tensor(targets[has_target]),
-                                              tie_mode))
-                if not has_target.all():
-                    ended = np.flatnonzero(~has_target)
-                    values, ids = paddle.topk(paddle.gather(scores, paddle.to_tensor(ended)), k, axis=1)
-                    query_ids.append(sessions[ended])
-                    topk_ids.append(ids.numpy())
-                    topk_scores.append(values.numpy())
-        cat = lambda parts, shape, dtype: np.concatenate(parts) if parts else np.zeros(shape, dtype)
-        return EvalOutput(ranks=cat(ranks, (0,), np.float64), query_ids=cat(query_ids, (0,), np.int64),
-                          topk_ids=cat(topk_ids, (0, k), np.int64), topk_scores=cat(topk_scores, (0, k), np.float32))
+        return self.eval_impl().evaluate(batch, topk, tie_mode)
+
+    def train_impl(self):
+        """The training step's strategy: the fused C++ step where configured and usable, else Paddle
+        operators. Decided once."""
+        if self._train_impl is None:
+            self._train_impl = choose_train_impl(self)
+        return self._train_impl
+
+    def eval_impl(self):
+        if self._eval_impl is None:
+            self._eval_impl = ReferenceStep(self)
+            if self.hp["kernel"] != "reference" and paddle.get_device() == "cpu":
+                try:
+                    self._eval_impl = FusedStep(self, fused_ops.load())
+                except fused_ops.KernelUnavailable as exc:
+                    if self.hp["kernel"] == "fused":
+                        raise ConfigError("hyper_parameters.kernel", f"fused, but it could not be built ({exc})")
+        return self._eval_impl
 
     def export(self, path_prefix, topk):
         step = InferenceStep(self.network, topk)
         width = sum(self.network.layers)
         specs = [paddle.static.InputSpec([None], "int64", INFERENCE_INPUTS[0]),
-                 paddle.static.InputSpec([None, width], "float32", INFERENCE_INPUTS[1])]
+                 paddle.static.InputSpec([None, width], "float32", INFERENCE_INPUTS[1]),
+                 paddle.static.InputSpec([None, None], "int64", INFERENCE_INPUTS[2])]
         static = paddle.jit.to_static(step, input_spec=specs, full_graph=True)
         paddle.jit.save(static, path_prefix, input_spec=specs)
-        # Paddle 3.3 names the outputs fetch_name_0..2 (a PIR value can only be named when it is
-        # persistable), so "outputs" records their order. "unseen_items": ids never clicked in
-        # training: their scores are masked and a server must not feed them (the offline
-        # evaluation drops such clicks too).
+        # "unseen_items": ids never clicked in training: their scores are masked and a server must
+        # not feed them (the offline evaluation drops such clicks too).
         unseen = np.flatnonzero(self.network.item_support.numpy() == 0)
         return {"inputs": list(INFERENCE_INPUTS), "outputs": list(INFERENCE_OUTPUTS), "topk": step.topk,
                 "hidden_size": width, "layers": list(self.network.layers), "n_items": self.network.n_items,
                 "unseen_items": [int(i) for i in unseen]}
 
-    # ---- the reference training step -----------------------------------------------------
-    def kernel(self):
-        """The fused C++ step when configured and usable, else None (reference path). Decided once."""
-        if self._kernel is None:
-            self._kernel = choose_kernel(self)
-        return self._kernel or None
 
-    def eval_kernel(self):
-        """The fused C++ evaluation when the fused kernel may be used here, else None."""
-        if self._eval_kernel is None:
-            self._eval_kernel = False
-            if self.hp["kernel"] != "reference" and paddle.get_device() == "cpu":
-                try:
-                    self._eval_kernel = FusedKernel(load_kernel_module())
-                except KernelUnavailable as exc:
-                    if self.hp["kernel"] == "fused":
-                        raise ConfigError("hyper_parameters.kernel", f"fused, but it could not be built ({exc})")
-        return self._eval_kernel or None
+NAN_SCORES = TrainingError("the model produces NaN scores: it did not train properly (a too high learning rate "
+                           "or momentum?); retrain it with lower hyper_parameters.optimizer.learning_rate")
 
-    def _carried(self, carry):
+
+def rank_targets(scores, targets, tie_mode):
+    """Rank of each row's target among all items (1 = best). scores [n, n_items], targets [n]."""
+    target_scores = paddle.take_along_axis(scores, targets.unsqueeze(1), axis=1)
+    if bool(paddle.isnan(target_scores).any()):
+        raise NAN_SCORES
+    higher = (scores > target_scores).astype("int64").sum(axis=1).numpy().astype(np.float64)
+    equal = (scores == target_scores).astype("int64").sum(axis=1).numpy().astype(np.float64)
+    return tie_ranks(higher, equal, tie_mode)
+
+
+def tie_ranks(higher, equal, tie_mode):
+    """Rank from the count of items scoring higher and equal (equal includes the target itself).
+
+    standard: 1 + #higher (ties in the target's favour); conservative: #higher + #equal (every tie
+    ranked above it); median: the middle of the tied block."""
+    if tie_mode == "standard":
+        return higher + 1
+    if tie_mode == "conservative":
+        return higher + equal
+    return higher + 0.5 * (equal - 1) + 1
+
+
+
+# ---- how a step is computed: two strategies with one interface ------------------------------
+#   train(batch, samples, batch_size) -> float64 [n_steps]: summed row losses per step
+#   evaluate(batch, topk, tie_mode) -> EvalOutput
+# Both read and write the model's parameters, optimizer slots and carried hidden state.
+
+class ReferenceStep:
+    """Paddle operators with autograd: any device, every option (adam too, distributed
+    gradient combining between backward and update)."""
+
+    name = "reference"
+
+    def __init__(self, model):
+        self.model = model
+        support = np.maximum(model.sampling_support(), 1).astype(np.float64)
+        self.log_support = np.log(support).astype(np.float32)  # [n_items]: log of each item's sampling support
+
+    def train(self, batch, samples, batch_size):
+        losses = np.zeros(batch.n_steps, np.float64)
+        for s in range(batch.n_steps):
+            inputs, targets, carry, _ = batch.step(s)
+            losses[s] = self.train_one(inputs, targets, carry, None if samples is None else samples[s], batch_size)
+        return losses
+
+    def carried(self, carry):
         """Hidden states for rows continuing from the previous step (carry >= 0) or starting at zero."""
+        model = self.model
         n = len(carry)
-        if self.hidden is None or (carry < 0).all():
-            return [paddle.zeros([n, size]) for size in self.network.layers]
+        if model.hidden is None or (carry < 0).all():
+            return [paddle.zeros([n, size]) for size in model.network.layers]
         index = paddle.to_tensor(carry + 1)
-        return [paddle.gather(paddle.concat([paddle.zeros([1, h.shape[1]]), h]), index) for h in self.hidden]
+        return [paddle.gather(paddle.concat([paddle.zeros([1, h.shape[1]]), h]), index) for h in model.hidden]
 
-    def _reference_step(self, inputs, targets, carry, sample):
-        """One mini-batch with Paddle operators: forward, loss, backward, update. Returns the loss."""
-        net, hp = self.network, self.hp
+    def train_one(self, inputs, targets, carry, sample, batch_size):
+        """One mini-batch: forward, loss, backward, update. Returns the summed row losses."""
+        model = self.model
+        net, hp = model.network, model.hp
         n = len(inputs)
-        if sample is None and self.loss_kind != "full_softmax" and n < 2:
+        if sample is None and model.loss_kind != "full_softmax" and n < 2:
             return 0.0  # a lone row has no negative without shared samples: the official code ends the epoch here
-        hidden = self._carried(carry)
-        if self.loss_kind == "full_softmax":
+        hidden = self.carried(carry)
+        if model.loss_kind == "full_softmax":
             y_host = np.arange(net.n_items, dtype=np.int64)
         elif sample is not None:
             y_host = np.concatenate([targets, sample])
@@ -625,17 +654,16 @@ class Model:
                 x = F.dropout(x, hp["dropout_hidden"], training=True)
             new_hidden.append(x)  # the dropped-out state is what the next step continues from
         bias = rows_of("item_bias", y_ids, y_host)
-        scores = paddle.matmul(x, out_rows, transpose_y=True) + bias
+        scores = paddle.matmul(x, out_rows, transpose_y=True) + bias  # [n, columns]
 
-        if self.loss_kind == "full_softmax":
+        if model.loss_kind == "full_softmax":
             loss = F.cross_entropy(scores, paddle.to_tensor(targets).unsqueeze(1), reduction="sum")
         else:
             shift = None
-            if self.loss_kind == "cross-entropy" and hp["logq"] > 0:
-                shift = hp["logq"] * self._log_sampling_weight(targets, sample)
-            loss = sampled_loss(self.loss_kind, scores, shift, hp["bpreg"], hp["elu_param"])
-        loss = loss / self.batch_size
-        loss.backward()
+            if model.loss_kind == "cross-entropy" and hp["logq"] > 0:
+                shift = hp["logq"] * self.log_sampling_weight(targets, sample)
+            loss = sampled_loss(model.loss_kind, scores, shift, hp["bpreg"], hp["elu_param"])
+        (loss / batch_size).backward()
 
         dense_grads = {name: leaf.grad for name, leaf in leaves.items()}
         sparse_grads = {}
@@ -643,220 +671,189 @@ class Model:
             rows = np.concatenate([ids for ids, _ in parts]) if len(parts) > 1 else parts[0][0]
             grads = paddle.concat([leaf.grad for _, leaf in parts]) if len(parts) > 1 else parts[0][1].grad
             sparse_grads[name] = (rows, grads)
-        if self.grad_reducer is not None:
-            dense_grads, sparse_grads = self.grad_reducer(dense_grads, sparse_grads)
+        if model.grad_reducer is not None:
+            dense_grads, sparse_grads = model.grad_reducer(dense_grads, sparse_grads)
         with paddle.no_grad():
-            self.optimizer.apply(dense_grads, sparse_grads)
-        self.hidden = [h.detach() for h in new_hidden]
+            model.optimizer.apply(dense_grads, sparse_grads)
+        model.hidden = [h.detach() for h in new_hidden]
         return float(loss.item())
 
-    def _log_sampling_weight(self, targets, sample):
+    def log_sampling_weight(self, targets, sample):
         """log of each column's sampling weight: support for the mini-batch targets (drawn by the
         data), support**alpha for the shared negatives (drawn by the sampler)."""
-        if not hasattr(self, "_log_support"):
-            support = np.maximum(self.sampling_support(), 1).astype(np.float64)
-            self._log_support = np.log(support).astype(np.float32)
-        parts = [self._log_support[targets]]
+        parts = [self.log_support[targets]]
         if sample is not None:
-            parts.append(self.hp["sample_alpha"] * self._log_support[sample])
+            parts.append(self.model.hp["sample_alpha"] * self.log_support[sample])
         return paddle.to_tensor(np.concatenate(parts))
 
-
-NAN_SCORES = TrainingError("the model produces NaN scores: it did not train properly (a too high learning rate "
-                           "or momentum?); retrain it with lower hyper_parameters.optimizer.learning_rate")
-
-
-def rank_targets(scores, targets, tie_mode):
-    """Rank of each row's target among all items (1 = best). scores [n, n_items], targets [n]."""
-    target_scores = paddle.take_along_axis(scores, targets.unsqueeze(1), axis=1)
-    if bool(paddle.isnan(target_scores).any()):
-        raise NAN_SCORES
-    higher = (scores > target_scores).astype("int64").sum(axis=1).numpy().astype(np.float64)
-    equal = (scores == target_scores).astype("int64").sum(axis=1).numpy().astype(np.float64)
-    return tie_ranks(higher, equal, tie_mode)
-
-
-def tie_ranks(higher, equal, tie_mode):
-    """Rank from the count of items scoring higher and equal (equal includes the target itself).
-
-    standard: 1 + #higher (ties in the target's favour); conservative: #higher + #equal (every tie
-    ranked above it); median: the middle of the tied block."""
-    if tie_mode == "standard":
-        return higher + 1
-    if tie_mode == "conservative":
-        return higher + equal
-    return higher + 0.5 * (equal - 1) + 1
-
-
-# ---- the fused C++ training step ------------------------------------------------------------
-
-KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "gru4rec_cpu.cc")
-KERNEL_BUILD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "gru4rec_cpu")
-EMBEDDING_CODES = {"shared": 0, "separate": 1, "none": 2}
-LOSS_CODES = {"cross-entropy": 0, "bpr-max": 1, "top1-max": 2, "full_softmax": 3}
-OPTIMIZER_CODES = {"adagrad": 0, "sgd": 1}
-_kernel_module = None
+    def evaluate(self, batch, topk, tie_mode):
+        model = self.model
+        net = model.network
+        mask = net.score_mask()
+        ranks, query_ids, topk_ids, topk_scores = [], [], [], []
+        k = min(topk, net.n_items)
+        with paddle.no_grad():
+            for s in range(batch.n_steps):
+                inputs, targets, carry, sessions = batch.step(s)
+                hidden = self.carried(carry)
+                x, model.hidden = net.step(paddle.to_tensor(inputs), hidden)
+                scores = net.all_scores(x) + mask  # [n, n_items]
+                has_target = targets >= 0
+                if has_target.any():
+                    rows = paddle.to_tensor(np.flatnonzero(has_target))
+                    ranks.append(rank_targets(paddle.gather(scores, rows), paddle.to_tensor(targets[has_target]),
+                                              tie_mode))
+                if not has_target.all():
+                    ended = np.flatnonzero(~has_target)
+                    values, ids = paddle.topk(paddle.gather(scores, paddle.to_tensor(ended)), k, axis=1)
+                    query_ids.append(sessions[ended])
+                    topk_ids.append(ids.numpy())
+                    topk_scores.append(values.numpy())
+        cat = lambda parts, shape, dtype: np.concatenate(parts) if parts else np.zeros(shape, dtype)
+        return EvalOutput(ranks=cat(ranks, (0,), np.float64), query_ids=cat(query_ids, (0,), np.int64),
+                          topk_ids=cat(topk_ids, (0, k), np.int64), topk_scores=cat(topk_scores, (0, k), np.float32))
 
 
-class KernelUnavailable(Exception):
-    pass
+class FusedStep:
+    """One C++ operator call per batch of session-parallel steps (csrc/gru4rec_cpu.cc): the
+    arithmetic of ReferenceStep without the per-operator overhead, on every CPU thread."""
+
+    name = "fused"
+
+    def __init__(self, model, module):
+        self.model = model
+        self.train_op = module.gru4rec_train_steps
+        self.eval_op = module.gru4rec_eval_steps
+        self.backward_op = module.gru4rec_backward_step  # distributed: gradients of one step ...
+        self.update_op = module.gru4rec_update_step  # ... and, once combined, their update
+        support = np.maximum(model.sampling_support(), 1).astype(np.float64)
+        self.log_support = paddle.to_tensor(np.log(support).astype(np.float32))  # [n_items]
+        self.score_mask = None  # [n_items]: 0, or -inf for items never seen in training; set at evaluation
+
+    def parameters(self):
+        net = self.model.network
+        return [getattr(net, n) for n in net.param_names]
+
+    def hidden(self):
+        model = self.model
+        if model.hidden is not None:
+            return model.hidden
+        return paddle.zeros([0, sum(model.network.layers)])
+
+    def slots(self):
+        net, opt = self.model.network, self.model.optimizer
+        slots = []
+        if opt.kind == "adagrad":
+            slots += [opt.state[f"{n}.acc"] for n in net.param_names]
+        if opt.momentum > 0:
+            slots += [opt.state[f"{n}.mom"] for n in net.param_names]
+        return slots
+
+    def train_attributes(self, batch_size):
+        model = self.model
+        net, hp, opt = model.network, model.hp, model.optimizer
+        return fused_ops.attributes(fused_ops.TRAIN_ATTRS, dict(
+            embedding=fused_ops.EMBEDDING_CODES[net.embedding], loss_kind=fused_ops.LOSS_CODES[model.loss_kind],
+            optimizer=fused_ops.OPTIMIZER_CODES[opt.kind], batch_size=int(batch_size),
+            dropout_embed=float(hp["dropout_embed"]), dropout_hidden=float(hp["dropout_hidden"]),
+            logq=float(hp["logq"]), sample_alpha=float(hp["sample_alpha"]), bpreg=float(hp["bpreg"]),
+            elu=float(hp["elu_param"]), lr=float(opt.lr), momentum=float(opt.momentum),
+            seed=int(model.step_rng.integers(0, 2 ** 62))))
+
+    def train(self, batch, samples, batch_size):
+        if self.model.grad_reducer is not None:
+            return self.train_combined(batch, samples, batch_size)
+        model = self.model
+        sample_t = paddle.to_tensor(samples) if samples is not None else paddle.zeros([0, 0], dtype="int64")
+        losses, model.hidden = self.train_op(
+            self.parameters(), self.slots(), self.hidden(), paddle.to_tensor(batch.step_offsets),
+            paddle.to_tensor(batch.inputs), paddle.to_tensor(batch.targets), paddle.to_tensor(batch.carry), sample_t,
+            self.log_support, *self.train_attributes(batch_size))
+        return losses.numpy().astype(np.float64)
+
+    def train_combined(self, batch, samples, batch_size):
+        """Step by step: gradients, model.grad_reducer (distributed training combines the workers'
+        gradients there: {name: Tensor} dense, {name: (rows, Tensor)} row-sparse, as ReferenceStep
+        gives them), then the update of what it returns."""
+        model = self.model
+        net, opt = model.network, model.optimizer
+        sparse_names = net.row_sparse
+        dense_names = [n for n in net.param_names if n not in sparse_names]  # the operator's flat order
+        dense_shapes = [list(getattr(net, n).shape) for n in dense_names]
+        dense_sizes = [int(np.prod(s)) for s in dense_shapes]
+        params, slots = self.parameters(), self.slots()
+        update_attrs = fused_ops.attributes(fused_ops.APPLY_ATTRS, dict(
+            embedding=fused_ops.EMBEDDING_CODES[net.embedding], optimizer=fused_ops.OPTIMIZER_CODES[opt.kind],
+            lr=float(opt.lr), momentum=float(opt.momentum)))
+        losses = np.zeros(batch.n_steps, np.float64)
+        for s in range(batch.n_steps):
+            inputs, targets, carry, _ = batch.step(s)
+            if samples is None and model.loss_kind != "full_softmax" and len(inputs) < 2:
+                continue  # no negative for a lone row: as ReferenceStep, no update (and no exchange)
+            sample_t = (paddle.to_tensor(samples[s:s + 1]) if samples is not None
+                        else paddle.zeros([0, 0], dtype="int64"))
+            loss, hidden, dense, *tables = self.backward_op(
+                params, self.hidden(), paddle.to_tensor(inputs), paddle.to_tensor(targets),
+                paddle.to_tensor(carry), sample_t, self.log_support, *self.train_attributes(batch_size))
+            losses[s] = float(loss.numpy()[0])
+            if not np.isfinite(losses[s]):
+                break  # the train loop reports it
+            dense_grads = {n: g.reshape(shape) for n, g, shape in
+                           zip(dense_names, paddle.split(dense, dense_sizes), dense_shapes)}
+            sparse_grads = {}
+            for k, name in enumerate(sparse_names):
+                rows, grads = tables[2 * k].numpy(), tables[2 * k + 1]
+                sparse_grads[name] = (rows, grads.reshape([len(rows)] + list(getattr(net, name).shape[1:])))
+            dense_grads, sparse_grads = model.grad_reducer(dense_grads, sparse_grads)
+            flat = paddle.concat([dense_grads[n].reshape([-1]) for n in dense_names])
+            combined = []
+            for k in range(3):
+                if k < len(sparse_names):
+                    rows, grads = sparse_grads[sparse_names[k]]
+                    combined += [paddle.to_tensor(np.asarray(rows, np.int64)), grads.reshape([len(rows), -1])]
+                else:
+                    combined += [paddle.zeros([0], dtype="int64"), paddle.zeros([0, 1])]
+            self.update_op(params, slots, flat, *combined, *update_attrs)
+            model.hidden = hidden
+        return losses
+
+    def evaluate(self, batch, topk, tie_mode):
+        net = self.model.network
+        if self.score_mask is None:
+            self.score_mask = net.score_mask()
+        attrs = fused_ops.attributes(fused_ops.EVAL_ATTRS, dict(
+            embedding=fused_ops.EMBEDDING_CODES[net.embedding], topk=int(topk)))
+        higher, equal, topk_ids, topk_scores, self.model.hidden = self.eval_op(
+            self.parameters(), self.hidden(), paddle.to_tensor(batch.step_offsets), paddle.to_tensor(batch.inputs),
+            paddle.to_tensor(batch.targets), paddle.to_tensor(batch.carry), self.score_mask, *attrs)
+        higher, equal = higher.numpy().astype(np.float64), equal.numpy().astype(np.float64)
+        if (higher < 0).any():  # the operator marks a NaN target score with -1
+            raise NAN_SCORES
+        ended = batch.targets < 0
+        return EvalOutput(ranks=tie_ranks(higher, equal, tie_mode), query_ids=batch.sessions[ended],
+                          topk_ids=topk_ids.numpy(), topk_scores=topk_scores.numpy())
 
 
-def load_kernel_module():
-    """Build (first time; `sh setup.sh` does it) or load the C++ operator. Raises KernelUnavailable."""
-    global _kernel_module
-    if _kernel_module is not None:
-        return _kernel_module
-    import contextlib
-    import fcntl
-    import hashlib
-    import io
-
-    import warnings
-
-    from paddle.utils.cpp_extension import load
-
-    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
-    if not os.path.isfile(os.path.join(libs, "libmklml_intel.so")):
-        raise KernelUnavailable(f"this paddlepaddle wheel has no MKL ({libs}/libmklml_intel.so)")
-    os.makedirs(KERNEL_BUILD_DIR, exist_ok=True)
-    captured = io.StringIO()
-    paddle_log = logging.getLogger("utils.cpp_extension")  # Paddle's builder logs each load at INFO
-    level = paddle_log.level
-    paddle_log.setLevel(logging.WARNING)
-    flags = dict(extra_cxx_cflags=["-O3", "-march=native", "-fno-math-errno"],
-                 extra_ldflags=[f"-L{libs}", "-l:libmklml_intel.so", f"-Wl,-rpath,{libs}"])
-    with open(KERNEL_SOURCE, "rb") as f:
-        stamp = hashlib.sha256(f.read() + repr((flags, paddle.__version__)).encode()).hexdigest()
-    stamp_path = os.path.join(KERNEL_BUILD_DIR, "built.sha256")
-    try:
-        # several processes (tests, distributed workers) may build at once: one at a time
-        with open(os.path.join(KERNEL_BUILD_DIR, ".lock"), "w") as lock, contextlib.redirect_stdout(captured), \
-                warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="No ccache found")  # harmless: the build is cached
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            _kernel_module = _load_built(stamp, stamp_path)
-            if _kernel_module is None:
-                _kernel_module = load(name="gru4rec_cpu", sources=[KERNEL_SOURCE], build_directory=KERNEL_BUILD_DIR,
-                                      verbose=False, **flags)
-                with open(stamp_path, "w") as f:
-                    f.write(stamp)
-    except Exception as exc:  # a compiler or loader failure: say why, the caller decides
-        lines = [l for l in (str(exc) + "\n" + captured.getvalue()).splitlines() if "error" in l.lower()]
-        raise KernelUnavailable((lines[0] if lines else str(exc).splitlines()[0])[:300]) from None
-    finally:
-        paddle_log.setLevel(level)
-    return _kernel_module
-
-
-def _load_built(stamp, stamp_path):
-    """The operator library built earlier from this very source, or None.
-
-    paddle.utils.cpp_extension.load() starts a Python subprocess that imports Paddle to let
-    setuptools decide whether to recompile — some 2 s at every start even when nothing changed.
-    When our stamp says the library matches the source, load the library directly instead (this
-    uses a helper of Paddle's that is not public API; on any failure, load() does the work)."""
-    library = os.path.join(KERNEL_BUILD_DIR, "gru4rec_cpu")
-    try:
-        with open(stamp_path) as f:
-            if f.read().strip() != stamp:
-                return None
-        from paddle.utils.cpp_extension.extension_utils import _import_module_from_library
-
-        return _import_module_from_library("gru4rec_cpu", library, False)
-    except Exception:  # no stamp yet, or Paddle moved its helper: build the regular way
-        return None
-
-
-def kernel_limits(model):
-    """Why the fused step cannot run this model, or None."""
+def fused_limits(model):
+    """Why the fused step cannot train this model here, or None."""
     if paddle.get_device() != "cpu":
         return f"it runs on the CPU only (device is {paddle.get_device()})"
-    if model.hp["optimizer.class"] not in OPTIMIZER_CODES:
-        return f"it implements adagrad and sgd, not {model.hp['optimizer.class']}"
-    if model.grad_reducer is not None:
-        return "distributed training combines gradients between the steps"
+    if model.hp["optimizer.class"] not in fused_ops.OPTIMIZER_CODES:
+        return f"it implements {' and '.join(fused_ops.OPTIMIZER_CODES)}, not {model.hp['optimizer.class']}"
     return None
 
 
-def choose_kernel(model):
+def choose_train_impl(model):
     choice = model.hp["kernel"]
     if choice == "reference":
-        return False
-    reason = kernel_limits(model)
+        return ReferenceStep(model)
+    reason = fused_limits(model)
     if reason is None:
         try:
-            return FusedKernel(load_kernel_module())
-        except KernelUnavailable as exc:
+            return FusedStep(model, fused_ops.load())
+        except fused_ops.KernelUnavailable as exc:
             reason = f"it could not be built ({exc}); run `sh setup.sh`"
     if choice == "fused":
         raise ConfigError("hyper_parameters.kernel", f"fused, but {reason}; set `kernel: auto` or `reference`")
     log.info("training with Paddle operators (kernel: reference) because the fused kernel: %s", reason)
-    return False
-
-
-class FusedKernel:
-    """Calls the C++ operator on a whole batch of session-parallel steps."""
-
-    def __init__(self, module):
-        self.op = module.gru4rec_train_steps
-        self.eval_op = module.gru4rec_eval_steps
-        self._log_support = None
-        self._score_mask = None
-
-    def evaluate(self, model, batch, topk, tie_mode):
-        net = model.network
-        params = [getattr(net, n) for n in net.param_names]
-        width = sum(net.layers)
-        hidden = model.hidden if model.hidden is not None else paddle.zeros([0, width])
-        if self._score_mask is None:
-            self._score_mask = net.score_mask()
-        higher, equal, topk_ids, topk_scores, model.hidden = self.eval_op(
-            params, hidden, paddle.to_tensor(batch.step_offsets), paddle.to_tensor(batch.inputs),
-            paddle.to_tensor(batch.targets), paddle.to_tensor(batch.carry), self._score_mask,
-            EMBEDDING_CODES[net.embedding], int(topk))
-        higher, equal = higher.numpy().astype(np.float64), equal.numpy().astype(np.float64)
-        if (higher < 0).any():  # the operator marks a NaN target score with -1
-            raise NAN_SCORES
-        ranks = tie_ranks(higher, equal, tie_mode)
-        ended = batch.targets < 0
-        return EvalOutput(ranks=ranks, query_ids=batch.sessions[ended], topk_ids=topk_ids.numpy(),
-                          topk_scores=topk_scores.numpy())
-
-    def train(self, model, batch, samples):
-        net, hp, opt = model.network, model.hp, model.optimizer
-        names = net.param_names
-        params = [getattr(net, n) for n in names]
-        slots = []
-        if opt.kind == "adagrad":
-            slots += [opt.state[f"{n}.acc"] for n in names]
-        if opt.momentum > 0:
-            slots += [opt.state[f"{n}.mom"] for n in names]
-        width = sum(net.layers)
-        hidden = model.hidden if model.hidden is not None else paddle.zeros([0, width])
-        if self._log_support is None:
-            support = np.maximum(model.sampling_support(), 1).astype(np.float64)
-            self._log_support = paddle.to_tensor(np.log(support).astype(np.float32))
-        sample_t = paddle.to_tensor(samples) if samples is not None else paddle.zeros([0, 0], dtype="int64")
-        seed = int(model.step_rng.integers(0, 2 ** 62))
-        losses, model.hidden = self.op(
-            params, slots, hidden, paddle.to_tensor(batch.step_offsets), paddle.to_tensor(batch.inputs),
-            paddle.to_tensor(batch.targets), paddle.to_tensor(batch.carry), sample_t, self._log_support,
-            EMBEDDING_CODES[net.embedding], LOSS_CODES[model.loss_kind], OPTIMIZER_CODES[opt.kind], model.batch_size,
-            float(hp["dropout_embed"]), float(hp["dropout_hidden"]), float(hp["logq"]), float(hp["sample_alpha"]),
-            float(hp["bpreg"]), float(hp["elu_param"]), float(opt.lr), float(opt.momentum), seed)
-        return losses.numpy().astype(np.float64)
-
-
-def build_kernel():
-    """`sh setup.sh` calls this so the first training run does not wait for the compiler."""
-    import sys
-
-    try:
-        load_kernel_module()
-    except KernelUnavailable as exc:
-        print(f"setup: the fused CPU kernel could not be built ({exc}); training will use Paddle operators "
-              f"(kernel: reference)", file=sys.stderr)
-        return 1
-    print(f"setup: fused CPU kernel ready in {KERNEL_BUILD_DIR}", file=sys.stderr)
-    return 0
+    return ReferenceStep(model)

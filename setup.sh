@@ -24,4 +24,4 @@ fi
 # `python -m paddlerec.run` from any directory: put this checkout on the venv's path
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 pwd > "$site/gru4rec_paddle.pth"
-OMP_NUM_THREADS=1 .venv/bin/python -c 'import sys, model; sys.exit(model.build_kernel())' 2>&1 | grep -v -i "ccache\|warnings.warn\|using custom operator" || true
+OMP_NUM_THREADS=1 .venv/bin/python -c 'import sys; from csrc import kernel; sys.exit(kernel.build())' 2>&1 | grep -v -i "ccache\|warnings.warn\|using custom operator" || true

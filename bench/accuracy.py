@@ -27,6 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from paddlerec import logs  # noqa: E402
 from paddlerec.config import load_config  # noqa: E402
 from paddlerec.errors import DataError, UserError  # noqa: E402
 
@@ -105,7 +106,7 @@ def data_overrides(config, train_dir, test_dir, vocab, work, predictions=True):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logs.configure()
     work = args.workdir or tempfile.mkdtemp(prefix="gru4rec-accuracy-")
     try:
         check_tsv(args.train, "train")
@@ -119,7 +120,8 @@ def main(argv=None):
         from paddlerec.run import set_threads
 
         set_threads(config)
-        from paddlerec.runners import RunContext, run
+        from paddlerec.loops import RunContext
+        from paddlerec.mode import run
 
         ctx = RunContext(config, show_progress=not args.no_progress)
         run(ctx)

@@ -6,15 +6,20 @@ Steps (each a separate process, as a user would run them):
      export the inference model, and let the infer runner write every test session's top-K
      after its whole session (predictions/<epoch>.txt);
   3. `python -m paddlerec.serve --port 0`: the server, in its own process on 127.0.0.1;
-  4. from this process, replay test sessions click by click over HTTP: once one click per
-     request (/click), once session-parallel (/batch, one click of each of B sessions per
-     request). After a session's last click the served top-K must equal the offline one.
+  4. from this process, replay test sessions click by click over HTTP, in three modes: one
+     client sending one click per request (/click); --clients clients (8) at once, each with its
+     keep-alive connection, replaying its share of the sessions (/click); one client sending
+     session-parallel /batch requests (one click of each of B sessions per request). After a
+     session's last click the served top-K must equal the offline one;
+  5. once more with the concurrent clients, while a newer export (a copy of the served one)
+     appears and POST /reload swaps it in: no request may fail, and the sessions' states must
+     survive the reload (the top-K after each session's last click still equal the offline one).
 
-Prints requests/s and p50/p99 latency (client-side, keep-alive connection) per mode, as the
-median over --runs runs; exits 1 when a served top-K differs from the offline one (beyond
-the order of items whose scores tie to float precision), 2 on a setup failure.
+Prints clicks/s and p50/p99 latency (client-side) per mode, as the median over --runs runs;
+exits 1 when a served top-K differs from the offline one (beyond the order of items whose
+scores tie to float precision) or a request failed, 2 on a setup failure.
 
-    .venv/bin/python bench/serve.py                        # ~1-2 min on 2 cores
+    .venv/bin/python bench/serve.py                        # ~1-2 min on 2 cores (the clients share them)
     .venv/bin/python bench/serve.py --sessions 3416 --runs 1 --plot docs/curves_rsc15_100k.png
 """
 
@@ -212,6 +217,55 @@ def single_phase(client, sessions, predictions, prefix, budget, rel_tol, tally, 
     return latencies, time.perf_counter() - started
 
 
+def concurrent_phase(port, sessions, predictions, prefix, clients, budget, rel_tol, tally, mismatches,
+                     during=None):
+    """`clients` threads, each with its own connection, replay sessions[i::clients] click by
+    click. during(): run by this thread while they work (e.g. a reload), once a quarter of the
+    clicks were answered. Returns (latencies, seconds, failures, clicks before during())."""
+    latencies, failures, lock = [], [], threading.Lock()
+    total = sum(len(c) for _, c in sessions)
+    answered = [0]
+
+    def replay(part):
+        client = Client(port)
+        mine = []
+        for q, clicks in part:
+            answer = None
+            for item in clicks:
+                with lock:
+                    if not budget.take():
+                        break
+                status, answer, seconds = client.post("/click", {"session": f"{prefix}{q}", "item": item})
+                mine.append(seconds)
+                with lock:
+                    answered[0] += 1
+                if status != 200:
+                    with lock:
+                        failures.append((q, item, status, answer))
+                    answer = None
+                    break
+            else:
+                with lock:
+                    if check(tally, predictions[q], answer, rel_tol) == "mismatch":
+                        mismatches.append((q, answer, predictions[q]))
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=replay, args=(sessions[i::clients],)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    before = None
+    if during is not None:
+        while answered[0] < total // 4 and any(t.is_alive() for t in threads):
+            time.sleep(0.005)
+        before = answered[0]
+        during()
+    for t in threads:
+        t.join()
+    return latencies, time.perf_counter() - started, failures, before
+
+
 def batch_phase(client, sessions, predictions, prefix, width, budget, rel_tol, tally, mismatches):
     """Session-parallel: each request carries the next click of up to `width` live sessions."""
     latencies, n_clicks = [], 0
@@ -247,6 +301,11 @@ def inside(before, after):
     return 1000.0 * (after["predictor_s"] - before["predictor_s"]) / max(requests, 1)
 
 
+def calls_per_click(before, after):
+    """Clicks stepped per predictor call between two /health reads (concurrent clicks share calls)."""
+    return (after["clicks"] - before["clicks"]) / max(after["predictor_calls"] - before["predictor_calls"], 1)
+
+
 def ms(seconds, q):
     return 1000.0 * float(np.percentile(seconds, q))
 
@@ -261,6 +320,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="predictor threads of the server")
     parser.add_argument("--sessions", type=int, default=500, help="test sessions replayed per run and mode")
     parser.add_argument("--batch-width", type=int, default=32, help="sessions per /batch request")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the concurrent mode")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per mode (figures are medians)")
     parser.add_argument("--max-requests", type=int, default=20000, help="per run and mode")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per run and mode")
@@ -290,30 +350,63 @@ def main(argv=None):
               f"{sum(len(c) for _, c in sessions)} clicks per run and mode", flush=True)
 
         tally, mismatches = {}, []
-        single, batch = [], []
+        single, concurrent, batch, failed = [], [], [], []
         for run in range(args.runs):
             before = client.get("/health")[1]
             lat, seconds = single_phase(client, sessions, predictions, f"r{run}c", Budget(args.max_requests,
                                         args.max_seconds), args.rel_tol, tally, mismatches)
             after = client.get("/health")[1]
             single.append((len(lat) / seconds, ms(lat, 50), ms(lat, 99), len(lat), inside(before, after)))
+            lat, seconds, failures, _ = concurrent_phase(server.port, sessions, predictions, f"r{run}p", args.clients,
+                                                         Budget(args.max_requests, args.max_seconds), args.rel_tol,
+                                                         tally, mismatches)
+            failed += failures
+            after2 = client.get("/health")[1]
+            concurrent.append((len(lat) / seconds, ms(lat, 50), ms(lat, 99), len(lat), calls_per_click(after, after2)))
             lat, n_clicks, seconds = batch_phase(client, sessions, predictions, f"r{run}b", args.batch_width,
                                                  Budget(args.max_requests, args.max_seconds), args.rel_tol,
                                                  tally, mismatches)
             batch.append((len(lat) / seconds, n_clicks / seconds, ms(lat, 50), ms(lat, 99), len(lat),
-                          inside(after, client.get("/health")[1])))
-            print(f"run {run + 1}: /click {single[-1][0]:.0f} req/s; /batch {batch[-1][1]:.0f} clicks/s", flush=True)
+                          inside(after2, client.get("/health")[1])))
+            print(f"run {run + 1}: /click {single[-1][0]:.0f} clicks/s; {args.clients} clients "
+                  f"{concurrent[-1][0]:.0f} clicks/s; /batch {batch[-1][1]:.0f} clicks/s", flush=True)
+
+        # a reload while the concurrent clients work: a newer export appears, POST /reload serves it
+        reload_tally, reload_mismatches, reloaded = {}, [], {}
+
+        def reload():
+            newest = str(max(int(n) for n in os.listdir(os.path.join(out, "inference")) if n.isdigit()))
+            tmp = os.path.join(out, "inference", f".tmp-{int(newest) + 1}")
+            shutil.copytree(os.path.join(out, "inference", newest), tmp)
+            os.rename(tmp, os.path.join(out, "inference", str(int(newest) + 1)))
+            reloaded.update(Client(server.port).post("/reload", {})[1])
+
+        lat, seconds, reload_failures, clicks_before = concurrent_phase(
+            server.port, sessions, predictions, "reload", args.clients, Budget(args.max_requests, args.max_seconds),
+            args.rel_tol, reload_tally, reload_mismatches, during=reload)
+        failed += reload_failures
+        mismatches += reload_mismatches
         health = client.get("/health")[1]
 
         med = lambda rows, i: statistics.median(r[i] for r in rows)
-        print(f"\n/click (1 click per request, {int(med(single, 3))} requests per run, median of {args.runs} runs): "
-              f"{med(single, 0):.0f} requests/s, p50 {med(single, 1):.2f} ms, p99 {med(single, 2):.2f} ms; "
+        print(f"\n/click, 1 client ({int(med(single, 3))} requests per run, median of {args.runs} runs): "
+              f"{med(single, 0):.0f} clicks/s, p50 {med(single, 1):.2f} ms, p99 {med(single, 2):.2f} ms; "
               f"predictor {med(single, 4):.2f} ms per request")
+        print(f"/click, {args.clients} concurrent clients ({int(med(concurrent, 3))} requests per run): "
+              f"{med(concurrent, 0):.0f} clicks/s, p50 {med(concurrent, 1):.2f} ms, p99 {med(concurrent, 2):.2f} ms; "
+              f"{med(concurrent, 4):.2f} clicks per predictor call")
         print(f"/batch ({args.batch_width} sessions per request, {int(med(batch, 4))} requests per run): "
               f"{med(batch, 0):.0f} requests/s = {med(batch, 1):.0f} clicks/s, p50 {med(batch, 2):.2f} ms, "
               f"p99 {med(batch, 3):.2f} ms; predictor {med(batch, 5):.2f} ms per request")
+        print(f"reload during {args.clients}-client load: {len(lat)} clicks ({clicks_before} before the reload), "
+              f"{len(reload_failures)} failed; {reloaded.get('model')} served, {reloaded.get('sessions_kept')} "
+              f"sessions kept; top-K after each session: {reload_tally.get('exact', 0)} identical, "
+              f"{reload_tally.get('ties', 0)} tied order, {reload_tally.get('mismatch', 0)} differ")
         print(f"server: {health['requests']} requests, {health['clicks']} clicks, {health['sessions']} sessions kept, "
-              f"{health['client_errors']} refused, {health['server_errors']} internal errors")
+              f"{health['client_errors']} refused, {health['server_errors']} internal errors, "
+              f"{health['reloads']} reload(s)")
+        for key, value in reload_tally.items():
+            tally[key] = tally.get(key, 0) + value
         compared = sum(tally.values())
         print(f"served vs offline top-{args.topk} after each session's last click: {compared} compared, "
               f"{tally.get('exact', 0)} identical, {tally.get('ties', 0)} differ only in the order of tied "
@@ -321,11 +414,13 @@ def main(argv=None):
         for q, answer, (ids, scores) in mismatches[:3]:
             print(f"  session {q}: served {answer['items'][:8]} {answer['scores'][:3]}\n"
                   f"            offline {ids[:8]} {scores[:3]}")
+        for q, item, status, answer in failed[:3]:
+            print(f"  failed: session {q} item {item}: HTTP {status} {answer}")
         code = server.stop()
         server = None
         if code != 0:
             raise Failure(f"the server exited with {code} on SIGTERM; see {work}/serve.log")
-        if compared == 0 or mismatches or health["server_errors"]:
+        if compared == 0 or mismatches or failed or health["server_errors"] or not reloaded.get("reloaded"):
             print("FAIL: served top-K differ from the offline ones" if mismatches else "FAIL", file=sys.stderr)
             return 1
         print("OK: served top-K equal the offline infer runner's")

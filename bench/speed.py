@@ -106,13 +106,13 @@ def full_shape_worker(config_path, steps):
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     sessions = rsc15_reader.Sessions(items.astype(np.int64), offsets)
     model = model_module.Model(hparams, DataInfo(n_items=FULL_ITEMS, item_support=support))
-    model.begin_epoch(1, True, batch_size)
+    model.begin_epoch(1, True)
     model.sampler.take(1)  # the first draw of the sample store is a one-off cost
     done_steps = done_events = 0
     warmup = 20
     started = None
     for batch in rsc15_reader.chunk_steps(rsc15_reader.session_parallel_steps(sessions, batch_size, False), 16):
-        model.train_step(batch)
+        model.train_step(batch, batch_size)
         done_steps += batch.n_steps
         if started is None and done_steps >= warmup:
             started, done_steps, done_events = time.perf_counter(), 0, 0

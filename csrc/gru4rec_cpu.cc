@@ -21,12 +21,16 @@
 // parameter its momentum buffer (when momentum > 0).
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -68,148 +72,218 @@ struct MklThreads {
   ~MklThreads() { MKL_Set_Num_Threads_Local(previous); }
 };
 
-// Work split in two halves of the OUTPUT, the second on a helper thread, each half computed by
-// single-threaded MKL: every output element is computed the same way whatever the split, so
-// results do not depend on the thread count (MKL's own threading may split the summed
-// dimension and change the rounding from run to run). Small work stays on one thread.
-constexpr double kParallelFlops = 2e7;
+// Threads: the operators split their work over `team_size()` threads (OMP_NUM_THREADS, which
+// paddlerec.run sets from the phases' thread_num), each calling single-threaded MKL. Work is cut
+// into tiles whose shapes do not depend on the thread count (kColTile columns, kEvalRows rows),
+// each tile computed by one thread and partial sums combined in tile order: results are
+// bitwise identical for any thread count. (MKL's own threading may split a summed dimension and
+// change the rounding from run to run.)
+constexpr int kMaxThreads = 256;
+constexpr int64_t kColTile = 128;  // output columns (items) per tile
+constexpr int64_t kEvalRows = 16;  // evaluation rows per tile (scored against every item)
+constexpr int64_t kRowTile = 8;    // training rows per tile (forward and backward through the GRU)
+constexpr int64_t kChunk = 4096;   // elements per task of an elementwise (dense) update
 
-int worker_threads() { return std::min(2, std::max(1, MKL_Get_Max_Threads())); }
+int team_size() { return std::max(1, std::min(kMaxThreads, MKL_Get_Max_Threads())); }
 
-// One helper thread for the whole process, started on first use and parked on a condition
-// variable between jobs: starting a thread per job (and MKL's per-thread set-up on its first
-// call) costs tens of microseconds, a wake-up a few.
-class Helper {
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Helper threads for the whole process, started on first use. A job is a number of tasks that
+// threads claim one at a time from a shared counter; the caller claims too. A helper that is
+// not running (the machine is busy) simply claims nothing, and the caller waits only for tasks
+// already claimed — never for a thread to wake up. Between jobs helpers spin for a short while
+// (a step has several parallel phases a few microseconds apart; waking a parked thread costs
+// tens of microseconds), then park on a condition variable.
+class Team {
  public:
-  static Helper& get() {
-    static Helper* helper = new Helper();  // never destroyed: the parked thread ends with the process
-    return *helper;
+  static Team& get() {
+    static Team* team = new Team();  // never destroyed: parked threads end with the process
+    return *team;
   }
-  // run job() on the helper thread while the caller does its own part; returns when both are done
-  template <class Mine>
-  void run_with(const std::function<void()>& job, Mine mine) {
+  // threads that may run tasks: helpers started so far plus the caller (member ids 0 .. this - 1)
+  int capacity() const { return started_ + 1; }
+  // start helpers so that `members` threads may share the next jobs
+  void ensure(int members) {
     std::lock_guard<std::mutex> one_caller(caller_);
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      job_ = &job;
-      ++posted_;
+    while (started_ < members - 1) {
+      // a new thread waits for the job after the current one, however late it starts
+      const int id = ++started_;
+      const uint64_t current = generation_.load(std::memory_order_relaxed);
+      std::thread([this, id, current] { loop(id, current); }).detach();
     }
-    wake_.notify_one();
-    mine();
-    std::unique_lock<std::mutex> lock(m_);
-    done_.wait(lock, [&] { return finished_ == posted_; });
+  }
+
+  // work(task, member) for every task in [0, tasks), on up to `members` threads (the caller is
+  // member 0); returns when all tasks are done
+  void run(int members, int64_t tasks, const std::function<void(int64_t, int)>& work) {
+    std::lock_guard<std::mutex> one_caller(caller_);
+    const uint64_t job = generation_.load(std::memory_order_relaxed) + 1;
+    work_ = &work;
+    tasks_.store(tasks, std::memory_order_relaxed);
+    members_.store(members, std::memory_order_relaxed);
+    finished_.store(0, std::memory_order_relaxed);
+    claim_.store(job << 32, std::memory_order_release);
+    generation_.store(job, std::memory_order_release);
+    if (parked_.load(std::memory_order_acquire) > 0) {
+      { std::lock_guard<std::mutex> lock(m_); }  // a helper between its check and its wait sees the change
+      wake_.notify_all();
+    }
+    const int64_t mine = drain(job, 0);
+    for (int spins = 0; finished_.load(std::memory_order_acquire) + mine < tasks; ++spins) {
+      if (spins < 4096)
+        cpu_relax();
+      else
+        std::this_thread::yield();
+    }
   }
 
  private:
-  Helper() : thread_([this] { loop(); }) { thread_.detach(); }
-  void loop() {
-    MKL_Set_Num_Threads_Local(1);
-    uint64_t seen = 0;
+  // claim and run tasks of `job` until none is left; returns how many this thread ran
+  int64_t drain(uint64_t job, int member) {
+    int64_t ran = 0;
     for (;;) {
-      std::unique_lock<std::mutex> lock(m_);
-      wake_.wait(lock, [&] { return posted_ != seen; });
-      seen = posted_;
-      const std::function<void()>* job = job_;
-      lock.unlock();
-      (*job)();
-      lock.lock();
-      finished_ = seen;
-      lock.unlock();
-      done_.notify_one();
+      uint64_t c = claim_.load(std::memory_order_acquire);
+      if ((c >> 32) != job || (int64_t)(c & 0xffffffffu) >= tasks_.load(std::memory_order_relaxed)) break;
+      // a successful claim of an unclaimed task of `job` proves the job is still running: work_
+      // is its function (a stale tasks_ read only lets a claim be tried, which then fails)
+      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
+      (*work_)((int64_t)(c & 0xffffffffu), member);
+      ++ran;
+    }
+    return ran;
+  }
+  void loop(int id, uint64_t seen) {
+    MKL_Set_Num_Threads_Local(1);
+    for (;;) {
+      uint64_t now;
+      auto since = std::chrono::steady_clock::now();
+      for (int spins = 1; (now = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() - since > std::chrono::microseconds(200)) {
+          std::unique_lock<std::mutex> lock(m_);
+          parked_.fetch_add(1, std::memory_order_acq_rel);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          parked_.fetch_sub(1, std::memory_order_acq_rel);
+        } else {
+          cpu_relax();
+        }
+      }
+      seen = now;
+      if (id < members_.load(std::memory_order_relaxed)) {
+        const int64_t ran = drain(now, id);
+        if (ran) finished_.fetch_add(ran, std::memory_order_acq_rel);
+      }
     }
   }
   std::mutex caller_, m_;
-  std::condition_variable wake_, done_;
-  const std::function<void()>* job_ = nullptr;
-  uint64_t posted_ = 0, finished_ = 0;
-  std::thread thread_;
+  std::condition_variable wake_;
+  const std::function<void(int64_t, int)>* work_ = nullptr;
+  std::atomic<int64_t> tasks_{0};
+  std::atomic<int> members_{0};
+  int started_ = 0;
+  std::atomic<uint64_t> generation_{0}, claim_{0};
+  std::atomic<int64_t> finished_{0};
+  std::atomic<int> parked_{0};
 };
 
+// task(t, member) for t in [0, tasks) on up to `members` threads; member < Team capacity()
 template <class F>
-void split_two(bool parallel, int64_t size, F work) {
-  if (!parallel || size < 2) {
-    work(0, size);
+void parallel_for(int members, int64_t tasks, F task) {
+  if (tasks <= 0) return;
+  if (members <= 1 || tasks == 1) {
+    for (int64_t t = 0; t < tasks; ++t) task(t, 0);
     return;
   }
-  const int64_t half = size / 2;
-  const std::function<void()> second = [&] { work(half, size); };
-  Helper::get().run_with(second, [&] { work(0, half); });
+  const std::function<void(int64_t, int)> work = [&](int64_t t, int m) { task(t, m); };
+  Team::get().run(std::min<int64_t>(members, tasks), tasks, work);
 }
 
-// gemm with the rows of C (split_rows) or its columns split between two threads
-void gemm_split(bool parallel, bool split_rows, bool ta, bool tb, int m, int n, int k, const float* a, int lda,
-                const float* b, int ldb, float* c, int ldc, float beta = 0.f) {
-  parallel = parallel && 2.0 * m * n * k >= kParallelFlops;
-  if (split_rows) {
-    split_two(parallel, m, [&](int64_t lo, int64_t hi) {
-      const float* a_part = ta ? a + lo : a + lo * lda;
-      gemm(ta, tb, (int)(hi - lo), n, k, a_part, lda, b, ldb, c + lo * ldc, ldc, beta);
-    });
-  } else {
-    split_two(parallel, n, [&](int64_t lo, int64_t hi) {
-      const float* b_part = tb ? b + lo * ldb : b + lo;
-      gemm(ta, tb, m, (int)(hi - lo), k, a, lda, b_part, ldb, c + lo, ldc, beta);
-    });
-  }
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
 }
 
-// splitmix64: a small, fast generator for dropout masks
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed) {}
-  inline uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
-  inline float uniform() { return (next() >> 40) * (1.0f / 16777216.0f); }
-};
-
-// Inverted dropout: mask holds 0 or 1/(1-p); x *= mask.
-void dropout(float* x, float* mask, int64_t size, float p, Rng& rng) {
+// Inverted dropout with counter-based masks: element k of row i of mask `slot` (0: the input
+// embedding, 1 + l: layer l's output) is kept iff a hash of (step key, slot, row, k) says so, so
+// any thread can draw any row's mask and the masks do not depend on the thread count.
+// mask holds 0 or 1/(1-p); x *= mask, rows [r0, r1) of a [n, width] matrix.
+void dropout_rows(float* x, float* mask, int width, int64_t r0, int64_t r1, float p, uint64_t step_key, uint64_t slot) {
   const float keep_scale = 1.f / (1.f - p);
-  for (int64_t i = 0; i < size; ++i) {
-    mask[i] = rng.uniform() >= p ? keep_scale : 0.f;
-    x[i] *= mask[i];
-  }
+  for (int64_t i = r0; i < r1; ++i)
+    for (int k = 0; k < width; ++k) {
+      const uint64_t element = (slot << 40) | ((uint64_t)i << 20) | (uint64_t)k;
+      const float u = (mix64(step_key + element * 0x9E3779B97F4A7C15ULL) >> 40) * (1.0f / 16777216.0f);
+      const int64_t e = i * width + k;
+      mask[e] = u >= p ? keep_scale : 0.f;
+      x[e] *= mask[e];
+    }
 }
 
 float* mut(const paddle::Tensor& t) { return const_cast<float*>(t.data<float>()); }
 
-// Gradient rows of an item-indexed parameter, summed per distinct row (the update is not
-// linear in the gradient, so repeated rows must be merged first, as the official code does).
-struct SparseGrad {
+// Gradient rows of an item-indexed parameter, coming from several sources (output columns,
+// inputs) and merged per distinct item before the update: the update is not linear in the
+// gradient, so repeated rows must be summed first, as the official code does. The sources of an
+// item are summed in the order they were added, by whichever thread updates that item, so the
+// result does not depend on the thread count.
+struct SparseRows {
   int width = 0;
-  std::vector<int32_t> slot_of;  // item -> slot in rows/grad, or -1; reset after each step
-  std::vector<int64_t> rows;
-  std::vector<float> grad;
+  std::vector<int32_t> slot_of;        // item -> slot, or -1 (reset by clear())
+  std::vector<int64_t> items;          // slot -> item
+  std::vector<int32_t> source_slot;    // per source: its slot
+  std::vector<const float*> sources;   // per source: its gradient row (width floats)
+  std::vector<int32_t> start, order, cursor;  // sources of slot s: order[start[s] .. start[s + 1])
 
-  void init(int64_t n_items, int w) {
+  void begin(int64_t n_items, int w) {
     width = w;
     if ((int64_t)slot_of.size() != n_items) slot_of.assign(n_items, -1);
-    rows.clear();
-    grad.clear();
+    clear();
   }
-  float* row(int64_t item) {
+  void add(int64_t item, const float* grad) {
     int32_t s = slot_of[item];
     if (s < 0) {
-      s = slot_of[item] = (int32_t)rows.size();
-      rows.push_back(item);
-      grad.resize(grad.size() + width, 0.f);
+      s = slot_of[item] = (int32_t)items.size();
+      items.push_back(item);
     }
-    return grad.data() + (int64_t)s * width;
+    source_slot.push_back(s);
+    sources.push_back(grad);
   }
-  void add(int64_t item, const float* g, float scale = 1.f) {
-    float* dst = row(item);
-    for (int k = 0; k < width; ++k) dst[k] += scale * g[k];
+  // a stable counting sort of the sources by slot
+  void finish() {
+    const int64_t n_slots = (int64_t)items.size();
+    start.assign(n_slots + 1, 0);
+    for (int32_t s : source_slot) ++start[s + 1];
+    for (int64_t s = 0; s < n_slots; ++s) start[s + 1] += start[s];
+    cursor.assign(start.begin(), start.end() - 1);
+    order.resize(source_slot.size());
+    for (size_t k = 0; k < source_slot.size(); ++k) order[cursor[source_slot[k]]++] = (int32_t)k;
+  }
+  // the gradient of slot s: a source row itself when it has one source, else the sum into `sum`
+  const float* gradient(int64_t s, float* sum) const {
+    const int32_t lo = start[s], hi = start[s + 1];
+    if (hi - lo == 1) return sources[order[lo]];
+    std::memcpy(sum, sources[order[lo]], sizeof(float) * width);
+    for (int32_t k = lo + 1; k < hi; ++k) {
+      const float* g = sources[order[k]];
+      for (int c = 0; c < width; ++c) sum[c] += g[c];
+    }
+    return sum;
   }
   void clear() {
-    for (int64_t r : rows) slot_of[r] = -1;
-    rows.clear();
-    grad.clear();
+    for (int64_t item : items) slot_of[item] = -1;
+    items.clear();
+    source_slot.clear();
+    sources.clear();
   }
 };
+
+inline void prefetch_row(const float* row, int width) {
+  for (int c = 0; c < width; c += 16) __builtin_prefetch(row + c);
+}
 
 struct Update {
   int kind;
@@ -262,19 +336,36 @@ struct Param {
 struct Layer {
   int in = 0, h = 0;
   int w_ih = 0, w_hh = 0, b_ih = 0, b_hh = 0;  // indexes into params
-  // per step buffers
-  std::vector<float> x, h_in, gi, gh, r, z, c, out, mask;
-  std::vector<float> d_w_ih, d_w_hh, d_b_ih, d_b_hh, dgi, dgh;
+  // offsets of this layer's gradients in the flat dense gradient (g_w_ih -1: w_ih is the
+  // one-hot input table, a sparse parameter)
+  int64_t g_w_ih = -1, g_w_hh = 0, g_b_ih = 0, g_b_hh = 0;
+  // per step: this layer's input rows [n, in] (null: one-hot input), then [n, h] / [n, 3h] buffers
+  const float* x = nullptr;
+  std::vector<float> h_in, gi, gh, r, z, c, out, mask, dgi, dgh, d_in;
+
+  void resize(int64_t n, bool training) {
+    const int64_t nh = n * h, nh3 = n * 3 * h;
+    gi.resize(nh3);
+    gh.resize(nh3);
+    h_in.resize(nh);
+    r.resize(nh);
+    z.resize(nh);
+    c.resize(nh);
+    out.resize(nh);
+    if (training) {
+      dgi.resize(nh3);
+      dgh.resize(nh3);
+      d_in.resize(n * in);
+    }
+  }
 };
 
-struct Scratch {
-  std::vector<float> prev_hidden, next_hidden, h_in, x0, mask0, out_rows, out_bias, scores, tmp, shift, d_x,
-      d_out_rows, d_bias, d_prev;
-  std::vector<int64_t> cols;
-  std::vector<float> weights;  // copies per output column (negatives drawn more than once)
-  std::vector<double> row_loss;
-  std::vector<int32_t> sample_slot;  // item -> its column among this step's negatives, or -1
-  SparseGrad item_emb, item_bias, input_emb;
+// One piece of the update: a chunk of a dense parameter, or a block of a sparse one's rows.
+struct UpdateTask {
+  const Param* param;
+  const float* grad;   // dense: the whole gradient; sparse: null
+  SparseRows* rows;    // sparse: the gathered rows; dense: null
+  int64_t lo, hi;      // dense: element range; sparse: slot range
 };
 
 void check_ids(const int64_t* ids, int64_t n, int64_t n_items, const char* what) {
@@ -392,11 +483,12 @@ struct Net {
   bool separate = false, one_hot = false;
   int n_layers = 0, d = 0, total_h = 0, in0 = 0, item_emb = 0, item_bias = 0;
   int64_t n_items = 0;
+  int64_t dense_size = 0;  // floats of the flat dense gradient: per layer [w_ih (unless one-hot), w_hh, b_ih, b_hh]
   std::vector<Param> p;
 };
 
 // The parameter list (layout at the top of this file) as pointers and layer shapes.
-Net parse_net(const std::vector<paddle::Tensor>& params, int embedding, std::vector<Layer>& layers, bool with_grads) {
+Net parse_net(const std::vector<paddle::Tensor>& params, int embedding, std::vector<Layer>& layers) {
   Net net;
   net.separate = embedding == kSeparate;
   net.one_hot = embedding == kOneHot;
@@ -422,155 +514,152 @@ Net parse_net(const std::vector<paddle::Tensor>& params, int embedding, std::vec
     L.in = (int)params[L.w_ih].shape()[0];
     L.h = (int)params[L.w_hh].shape()[0];
     net.total_h += L.h;
-    if (with_grads) {
-      if (!net.one_hot || l > 0) L.d_w_ih.resize((int64_t)L.in * 3 * L.h);
-      L.d_w_hh.resize((int64_t)L.h * 3 * L.h);
-      L.d_b_ih.resize(3 * L.h);
-      L.d_b_hh.resize(3 * L.h);
+    const int64_t h3 = 3 * L.h;
+    L.g_w_ih = -1;
+    if (!net.one_hot || l > 0) {
+      L.g_w_ih = net.dense_size;
+      net.dense_size += L.in * h3;
     }
+    L.g_w_hh = net.dense_size;
+    net.dense_size += L.h * h3;
+    L.g_b_ih = net.dense_size;
+    net.dense_size += h3;
+    L.g_b_hh = net.dense_size;
+    net.dense_size += h3;
   }
   net.in0 = net.one_hot ? 0 : layers[0].in;
   return net;
 }
 
-// One GRU layer over a mini-batch of n rows (no dropout): fills L.h_in, gi, gh, r, z, c, out
-// (kept for the backward pass). x: [n, x_width] input, or null for the one-hot first layer
-// whose input gates are rows of w_ih picked by x_ids; h_all: [n, total_h] carried states, this
-// layer's slice at column h_off.
-void layer_forward(Layer& L, const std::vector<Param>& p, int n, const float* x, int x_width, const float* h_all,
-                   int total_h, int h_off, bool one_hot_input, const int64_t* x_ids) {
+// Rows [r0, r1) of one GRU layer (no dropout) into L's buffers (sized for the mini-batch by
+// L.resize): h_in, gi, gh, r, z, c, out, kept for the backward pass. L.x: [n, in] input rows, or
+// null for the one-hot first layer whose input gates are rows of w_ih picked by x_ids; h_all:
+// [n, total_h] carried states, this layer's slice at column h_off.
+void layer_forward(Layer& L, const std::vector<Param>& p, int64_t r0, int64_t r1, const float* h_all, int total_h,
+                   int h_off, const int64_t* x_ids) {
   const int h = L.h, h3 = 3 * h;
-  L.gi.resize((int64_t)n * h3);
-  L.gh.resize((int64_t)n * h3);
-  L.h_in.resize((int64_t)n * h);
-  for (int i = 0; i < n; ++i)
-    std::memcpy(&L.h_in[(int64_t)i * h], &h_all[(int64_t)i * total_h + h_off], sizeof(float) * h);
+  const int m = (int)(r1 - r0);
+  if (m <= 0) return;
+  for (int64_t i = r0; i < r1; ++i)
+    std::memcpy(&L.h_in[i * h], &h_all[i * total_h + h_off], sizeof(float) * h);
   const float* b_ih = p[L.b_ih].value;
   const float* b_hh = p[L.b_hh].value;
-  if (one_hot_input) {
-    for (int i = 0; i < n; ++i) {
+  float* gi_rows = &L.gi[r0 * h3];
+  float* gh_rows = &L.gh[r0 * h3];
+  if (L.x == nullptr) {
+    for (int64_t i = r0; i < r1; ++i) {
       const float* w = p[L.w_ih].value + x_ids[i] * h3;
-      for (int k = 0; k < h3; ++k) L.gi[(int64_t)i * h3 + k] = w[k] + b_ih[k];
+      for (int k = 0; k < h3; ++k) L.gi[i * h3 + k] = w[k] + b_ih[k];
     }
   } else {
-    L.x.assign(x, x + (int64_t)n * x_width);
-    for (int i = 0; i < n; ++i) std::memcpy(&L.gi[(int64_t)i * h3], b_ih, sizeof(float) * h3);
-    gemm(false, false, n, h3, x_width, L.x.data(), x_width, p[L.w_ih].value, h3, L.gi.data(), h3, 1.f);
+    for (int i = 0; i < m; ++i) std::memcpy(gi_rows + (int64_t)i * h3, b_ih, sizeof(float) * h3);
+    gemm(false, false, m, h3, L.in, L.x + r0 * L.in, L.in, p[L.w_ih].value, h3, gi_rows, h3, 1.f);
   }
-  for (int i = 0; i < n; ++i) std::memcpy(&L.gh[(int64_t)i * h3], b_hh, sizeof(float) * h3);
-  gemm(false, false, n, h3, h, L.h_in.data(), h, p[L.w_hh].value, h3, L.gh.data(), h3, 1.f);
-  L.r.resize((int64_t)n * h);
-  L.z.resize((int64_t)n * h);
-  L.c.resize((int64_t)n * h);
-  L.out.resize((int64_t)n * h);
-  // gates over the whole mini-batch at once: r, z = sigmoid(.), c = tanh(.) with MKL's vector functions
-  const int64_t nh = (int64_t)n * h;
-  for (int i = 0; i < n; ++i) {
-    const float* gi = &L.gi[(int64_t)i * h3];
-    const float* gh = &L.gh[(int64_t)i * h3];
-    float* r = &L.r[(int64_t)i * h];
-    float* z = &L.z[(int64_t)i * h];
+  for (int i = 0; i < m; ++i) std::memcpy(gh_rows + (int64_t)i * h3, b_hh, sizeof(float) * h3);
+  gemm(false, false, m, h3, h, &L.h_in[r0 * h], h, p[L.w_hh].value, h3, gh_rows, h3, 1.f);
+  // gates of all rows at once: r, z = sigmoid(.), c = tanh(.) with MKL's vector functions
+  const int64_t e0 = r0 * h, e1 = r1 * h;
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* gi = &L.gi[i * h3];
+    const float* gh = &L.gh[i * h3];
+    float* r = &L.r[i * h];
+    float* z = &L.z[i * h];
     for (int k = 0; k < h; ++k) {
       r[k] = -(gi[k] + gh[k]);
       z[k] = -(gi[h + k] + gh[h + k]);
     }
   }
-  vsExp((int)nh, L.r.data(), L.r.data());
-  vsExp((int)nh, L.z.data(), L.z.data());
-  for (int64_t e = 0; e < nh; ++e) {
+  vsExp((int)(e1 - e0), &L.r[e0], &L.r[e0]);
+  vsExp((int)(e1 - e0), &L.z[e0], &L.z[e0]);
+  for (int64_t e = e0; e < e1; ++e) {
     L.r[e] = 1.f / (1.f + L.r[e]);
     L.z[e] = 1.f / (1.f + L.z[e]);
   }
-  for (int i = 0; i < n; ++i) {
-    const float* gi = &L.gi[(int64_t)i * h3];
-    const float* gh = &L.gh[(int64_t)i * h3];
-    const float* r = &L.r[(int64_t)i * h];
-    float* c = &L.c[(int64_t)i * h];
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* gi = &L.gi[i * h3];
+    const float* gh = &L.gh[i * h3];
+    const float* r = &L.r[i * h];
+    float* c = &L.c[i * h];
     for (int k = 0; k < h; ++k) c[k] = gi[2 * h + k] + r[k] * gh[2 * h + k];
   }
-  vsTanh((int)nh, L.c.data(), L.c.data());
-  for (int64_t e = 0; e < nh; ++e) L.out[e] = L.c[e] + L.z[e] * (L.h_in[e] - L.c[e]);
+  vsTanh((int)(e1 - e0), &L.c[e0], &L.c[e0]);
+  for (int64_t e = e0; e < e1; ++e) L.out[e] = L.c[e] + L.z[e] * (L.h_in[e] - L.c[e]);
 }
 
-}  // namespace
+struct Scratch {
+  std::vector<float> prev_hidden, next_hidden, h_all, x0, mask0, out_rows, out_bias, scores, shift, d_x, d_x_tiles,
+      d_out_rows, d_bias, dense_grad, dense_tiles;
+  std::vector<int64_t> cols;
+  std::vector<float> weights;  // copies per output column (negatives drawn more than once)
+  std::vector<double> row_loss;
+  std::vector<int32_t> sample_slot;  // item -> its column among this step's negatives, or -1
+  std::vector<std::vector<float>> member_tmp;  // per thread: loss-row scratch, then a gradient row
+  std::vector<UpdateTask> tasks;
+  SparseRows item_emb, item_bias, input_emb;
+};
 
-std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>& params,
-                                              const std::vector<paddle::Tensor>& slots, const paddle::Tensor& hidden,
-                                              const paddle::Tensor& step_offsets, const paddle::Tensor& inputs,
-                                              const paddle::Tensor& targets, const paddle::Tensor& carry,
-                                              const paddle::Tensor& samples, const paddle::Tensor& log_support,
-                                              int embedding, int loss_kind, int optimizer, int batch_size,
-                                              float dropout_embed, float dropout_hidden, float logq, float sample_alpha,
-                                              float bpreg, float elu, float lr, float momentum, int64_t seed) {
-  // MKL runs single-threaded; large products and the loss rows are split between two threads
-  // by output (split_two), which keeps training reproducible from the seed.
-  const bool parallel = worker_threads() > 1;
-  MklThreads one_thread(1);
-  static thread_local std::vector<Layer> layers;
-  Net net = parse_net(params, embedding, layers, /*with_grads=*/true);
-  const bool separate = net.separate, one_hot = net.one_hot;
-  const int n_layers = net.n_layers, d = net.d, total_h = net.total_h, in0 = net.in0;
-  const int item_emb = net.item_emb, item_bias = net.item_bias;
-  const int64_t n_items = net.n_items;
-  const int n_params = (int)params.size();
-  const bool with_acc = optimizer == kAdagrad;
-  const bool with_mom = momentum > 0.f;
-  PD_CHECK((int)slots.size() == n_params * ((with_acc ? 1 : 0) + (with_mom ? 1 : 0)), "unexpected optimizer slots");
-  std::vector<Param>& p = net.p;
-  for (int i = 0; i < n_params; ++i) {
-    int s = 0;
-    if (with_acc) p[i].acc = mut(slots[s++ * n_params + i]);
-    if (with_mom) p[i].mom = mut(slots[s * n_params + i]);
+struct Settings {
+  int embedding, loss_kind, optimizer, batch_size;
+  float dropout_embed, dropout_hidden, logq, sample_alpha, bpreg, elu, lr, momentum;
+  int64_t seed;
+};
+
+// One training step's arithmetic, in phases that each spread over the threads:
+//   gradients(): forward (row tiles), scores (column tiles), loss (rows), backward through the
+//   scores (column tiles), backward through the GRU layers (row tiles), then the gradients: the
+//   dense ones flat in sc.dense_grad, the item-indexed ones as merged rows in sc's SparseRows;
+//   update(): Adagrad/SGD (+ momentum) on the dense chunks and the touched rows (all threads).
+// The two halves are also separate operators, so distributed training can combine the
+// gradients of several workers in between.
+struct Trainer {
+  Net& net;
+  std::vector<Layer>& layers;
+  Scratch& sc;
+  const Settings& st;
+  const int members;
+  const float* log_sup;  // [n_items] log of each item's sampling support (logQ)
+  Update upd;
+
+  Trainer(Net& net_, std::vector<Layer>& layers_, Scratch& sc_, const Settings& st_, int members_, int capacity,
+          const float* log_sup_)
+      : net(net_), layers(layers_), sc(sc_), st(st_), members(members_), log_sup(log_sup_),
+        upd{st_.optimizer, st_.lr, st_.momentum} {
+    const int64_t n_items = net.n_items;
+    if ((int64_t)sc.sample_slot.size() != n_items) sc.sample_slot.assign(n_items, -1);
+    sc.item_emb.begin(n_items, net.d);
+    sc.item_bias.begin(n_items, 1);
+    if (net.separate) sc.input_emb.begin(n_items, net.in0);
+    if (net.one_hot) sc.input_emb.begin(n_items, 3 * layers[0].h);
+    sc.member_tmp.resize(capacity);
+    sc.dense_grad.resize(net.dense_size);
   }
 
-  const int64_t n_steps = step_offsets.numel() - 1;
-  const int64_t* offs = step_offsets.data<int64_t>();
-  const int64_t* in_ids = inputs.data<int64_t>();
-  const int64_t* tg_ids = targets.data<int64_t>();
-  const int64_t* car = carry.data<int64_t>();
-  const int64_t n_sample = samples.numel() ? samples.shape()[1] : 0;
-  const int64_t* smp = samples.numel() ? samples.data<int64_t>() : nullptr;
-  const float* log_sup = log_support.data<float>();
-  check_ids(in_ids, inputs.numel(), n_items, "inputs");
-  check_ids(tg_ids, targets.numel(), n_items, "targets");
-  if (smp) check_ids(smp, samples.numel(), n_items, "samples");
+  std::vector<SparseRows*> sparse_tables() {
+    std::vector<SparseRows*> tables = {&sc.item_emb, &sc.item_bias};
+    if (net.separate || net.one_hot) tables.push_back(&sc.input_emb);
+    return tables;
+  }
+  const Param& sparse_param(const SparseRows* table) const {
+    if (table == &sc.item_emb) return net.p[net.item_emb];
+    if (table == &sc.item_bias) return net.p[net.item_bias];
+    return net.p[net.separate ? 0 : layers[0].w_ih];
+  }
 
-  // buffers live across calls: fresh pages cost a kernel page-clear each time
-  static thread_local Scratch scratch;
-  Scratch& sc = scratch;  // a lambda naming a thread_local would see the helper thread's own copy
-  if ((int64_t)sc.sample_slot.size() != n_items) sc.sample_slot.assign(n_items, -1);
-  sc.item_emb.init(n_items, d);
-  sc.item_bias.init(n_items, 1);
-  if (separate) sc.input_emb.init(n_items, in0);
-  if (one_hot) sc.input_emb.init(n_items, 3 * layers[0].h);
-
-  int64_t prev_rows = hidden.numel() ? hidden.shape()[0] : 0;
-  PD_CHECK(prev_rows == 0 || hidden.shape()[1] == total_h, "hidden state width mismatch");
-  sc.prev_hidden.assign(hidden.data<float>(), hidden.data<float>() + prev_rows * total_h);
-
-  auto losses = paddle::empty({n_steps}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  float* loss_out = losses.data<float>();
-  Rng rng((uint64_t)seed * 0x2545F4914F6CDD1DULL + 0x1234567ULL);
-  const float scale = 1.f / (float)batch_size;
-  Update upd{optimizer, lr, momentum};
-  int64_t rows = 0;
-
-  for (int64_t s = 0; s < n_steps; ++s) {
-    const int64_t lo = offs[s];
-    rows = offs[s + 1] - lo;
-    const int n = (int)rows;
-    const int64_t* x_ids = in_ids + lo;
-    const int64_t* t_ids = tg_ids + lo;
-    const int64_t* c_ids = car + lo;
-    const bool full = loss_kind == kFullSoftmax;
-    int64_t cols = full ? n_items : n + n_sample;
-    if (!full && n_sample == 0 && n < 2) {
-      // a lone row has no negative without shared samples: the official code ends the epoch here
-      loss_out[s] = 0.f;
-      continue;
-    }
+  // The step's rows: inputs x_ids, targets t_ids, carry c_ids ([n] each; carry: row of the
+  // previous step, -1: a new session); row_samples: its n_sample shared negatives. prev: the
+  // previous step's [prev_rows, total_h] states; writes sc.next_hidden. Returns the summed row
+  // loss; when it is not finite nothing else is computed.
+  double gradients(int n, const int64_t* x_ids, const int64_t* t_ids, const int64_t* c_ids,
+                   const int64_t* row_samples, int64_t n_sample, const float* prev, int64_t prev_rows,
+                   uint64_t step_key) {
+    std::vector<Param>& p = net.p;
+    const int d = net.d, total_h = net.total_h, in0 = net.in0, n_layers = net.n_layers;
+    const int64_t n_items = net.n_items;
+    const bool full = st.loss_kind == kFullSoftmax;
+    for (SparseRows* table : sparse_tables()) table->clear();
 
     // output columns: the mini-batch's targets, then the shared negatives (or every item)
+    int64_t cols = full ? n_items : n + n_sample;
     sc.cols.resize(cols);
     const float* weights = nullptr;
     if (full) {
@@ -583,7 +672,6 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
         // repeat often: ~1,330 distinct among 2,048 draws on the 100k RSC15 split).
         sc.weights.assign(n, 1.f);
         int64_t u = n;
-        const int64_t* row_samples = smp + s * n_sample;
         for (int64_t q = 0; q < n_sample; ++q) {
           const int64_t item = row_samples[q];
           int32_t& slot = sc.sample_slot[item];
@@ -601,193 +689,456 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
         weights = sc.weights.data();
       }
     }
+    const int64_t n_tiles = (cols + kColTile - 1) / kColTile;
+    const int64_t row_tiles = (n + kRowTile - 1) / kRowTile;
 
     // carried hidden state [n, total_h]
-    sc.next_hidden.assign((int64_t)n * total_h, 0.f);
-    std::vector<float>& h_in = sc.h_in;
-    h_in.assign((int64_t)n * total_h, 0.f);
+    sc.h_all.assign((int64_t)n * total_h, 0.f);
     for (int i = 0; i < n; ++i) {
       const int64_t c = c_ids[i];
       PD_CHECK(c < prev_rows, "carry row ", c, " is beyond the previous step's ", prev_rows, " rows");
-      if (c >= 0) std::memcpy(&h_in[(int64_t)i * total_h], &sc.prev_hidden[c * total_h], sizeof(float) * total_h);
+      if (c >= 0) std::memcpy(&sc.h_all[(int64_t)i * total_h], prev + c * total_h, sizeof(float) * total_h);
     }
 
-    // ---- forward ----
-    const float* x = nullptr;
-    int x_width = 0;
-    if (!one_hot) {
-      const int64_t table = separate ? 0 : item_emb;
-      sc.x0.resize((int64_t)n * in0);
-      for (int i = 0; i < n; ++i)
-        std::memcpy(&sc.x0[(int64_t)i * in0], p[table].value + x_ids[i] * in0, sizeof(float) * in0);
-      if (dropout_embed > 0) {
-        sc.mask0.resize(sc.x0.size());
-        dropout(sc.x0.data(), sc.mask0.data(), (int64_t)sc.x0.size(), dropout_embed, rng);
-      }
-      x = sc.x0.data();
-      x_width = in0;
-    }
-    int h_off = 0;
+    // ---- forward, per row tile ----
+    if (!net.one_hot) sc.x0.resize((int64_t)n * in0);
+    if (!net.one_hot && st.dropout_embed > 0) sc.mask0.resize((int64_t)n * in0);
     for (int l = 0; l < n_layers; ++l) {
       Layer& L = layers[l];
-      const int h = L.h;
-      layer_forward(L, p, n, x, x_width, h_in.data(), total_h, h_off, one_hot && l == 0, x_ids);
-      const float p_drop = (one_hot && l == 0) ? dropout_embed : dropout_hidden;
-      if (p_drop > 0) {
-        L.mask.resize(L.out.size());
-        dropout(L.out.data(), L.mask.data(), (int64_t)L.out.size(), p_drop, rng);
-      } else {
+      L.resize(n, true);
+      L.x = l > 0 ? layers[l - 1].out.data() : (net.one_hot ? nullptr : sc.x0.data());
+      const float p_drop = (net.one_hot && l == 0) ? st.dropout_embed : st.dropout_hidden;
+      if (p_drop > 0)
+        L.mask.resize((int64_t)n * L.h);
+      else
         L.mask.clear();
-      }
-      // the dropped-out output is also the state the next step continues from
-      for (int i = 0; i < n; ++i)
-        std::memcpy(&sc.next_hidden[(int64_t)i * total_h + h_off], &L.out[(int64_t)i * h], sizeof(float) * h);
-      x = L.out.data();
-      x_width = h;
-      h_off += h;
     }
+    sc.next_hidden.resize((int64_t)n * total_h);
+    parallel_for(members, row_tiles, [&](int64_t t, int) {
+      const int64_t r0 = t * kRowTile, r1 = std::min<int64_t>(n, r0 + kRowTile);
+      if (!net.one_hot) {
+        const float* table = p[net.separate ? 0 : net.item_emb].value;
+        for (int64_t i = r0; i < r1; ++i)
+          std::memcpy(&sc.x0[i * in0], table + x_ids[i] * in0, sizeof(float) * in0);
+        if (st.dropout_embed > 0) dropout_rows(sc.x0.data(), sc.mask0.data(), in0, r0, r1, st.dropout_embed, step_key, 0);
+      }
+      int h_off = 0;
+      for (int l = 0; l < n_layers; ++l) {
+        Layer& L = layers[l];
+        layer_forward(L, p, r0, r1, sc.h_all.data(), total_h, h_off, x_ids);
+        if (!L.mask.empty()) {
+          const float p_drop = (net.one_hot && l == 0) ? st.dropout_embed : st.dropout_hidden;
+          dropout_rows(L.out.data(), L.mask.data(), L.h, r0, r1, p_drop, step_key, 1 + l);
+        }
+        // the dropped-out output is also the state the next step continues from
+        for (int64_t i = r0; i < r1; ++i)
+          std::memcpy(&sc.next_hidden[i * total_h + h_off], &L.out[i * L.h], sizeof(float) * L.h);
+        h_off += L.h;
+      }
+    });
+    const float* x = layers[n_layers - 1].out.data();  // [n, d]
 
-    // scores [n, cols] = x @ out_rows^T + bias
+    // ---- scores [n, cols] = x @ out_rows^T, per column tile (the bias is added with the loss) ----
     sc.out_rows.resize(cols * d);
     sc.out_bias.resize(cols);
-    for (int64_t j = 0; j < cols; ++j) {
-      std::memcpy(&sc.out_rows[j * d], p[item_emb].value + sc.cols[j] * d, sizeof(float) * d);
-      sc.out_bias[j] = p[item_bias].value[sc.cols[j]];
-    }
     sc.scores.resize((int64_t)n * cols);
-    gemm_split(parallel, false, false, true, n, (int)cols, d, x, d, sc.out_rows.data(), d, sc.scores.data(),
-               (int)cols);
+    {
+      const float* emb = p[net.item_emb].value;
+      const float* bias = p[net.item_bias].value;
+      const int64_t* col_items = sc.cols.data();
+      float* out_rows = sc.out_rows.data();
+      float* out_bias = sc.out_bias.data();
+      float* scores = sc.scores.data();
+      parallel_for(members, n_tiles, [&](int64_t t, int) {
+        const int64_t j0 = t * kColTile, j1 = std::min(cols, j0 + kColTile);
+        // the rows are scattered over the item matrix: ask for the next ones while copying
+        for (int64_t j = j0; j < std::min(j1, j0 + 4); ++j) prefetch_row(emb + col_items[j] * d, d);
+        for (int64_t j = j0; j < j1; ++j) {
+          if (j + 4 < j1) prefetch_row(emb + col_items[j + 4] * d, d);
+          std::memcpy(out_rows + j * d, emb + col_items[j] * d, sizeof(float) * d);
+          out_bias[j] = bias[col_items[j]];
+        }
+        gemm(false, true, n, (int)(j1 - j0), d, x, d, out_rows + j0 * d, d, scores + j0, (int)cols);
+      });
+    }
 
-    // ---- loss and d(loss)/d(scores), in place ----
+    // ---- loss and d(loss)/d(scores) * scale, in place, per row ----
     // per column: the item bias, less logq * log(sampling weight) for cross-entropy with logQ
     sc.shift.assign(sc.out_bias.begin(), sc.out_bias.end());
-    if (loss_kind == kCrossEntropy && logq > 0)
+    if (st.loss_kind == kCrossEntropy && st.logq > 0)
       for (int64_t j = 0; j < cols; ++j)
-        sc.shift[j] -= logq * (j < n ? 1.f : sample_alpha) * log_sup[sc.cols[j]];
+        sc.shift[j] -= st.logq * (j < n ? 1.f : st.sample_alpha) * log_sup[sc.cols[j]];
     const float* offset = sc.shift.data();
-    sc.tmp.resize(10 * cols);  // two threads' scratch rows
+    for (auto& tmp : sc.member_tmp) tmp.resize(std::max<int64_t>(5 * cols, 3 * total_h + in0 + d));
     sc.row_loss.resize(n);
-    split_two(parallel && (double)n * cols >= kParallelFlops / 100, n, [&](int64_t lo, int64_t hi) {
-      float* tmp = sc.tmp.data() + (lo == 0 ? 0 : 5 * cols);
-      for (int64_t i = lo; i < hi; ++i) {
-        float* row = &sc.scores[i * cols];
-        const int64_t target = full ? t_ids[i] : i;
-        sc.row_loss[i] = (loss_kind == kCrossEntropy || full)
-                             ? cross_entropy_row(row, cols, target, offset, weights, tmp, scale)
-                             : ranking_row(loss_kind, row, cols, target, offset, elu, bpreg, weights, tmp, scale);
-      }
+    const float scale = 1.f / (float)st.batch_size;
+    parallel_for(members, n, [&](int64_t i, int m) {
+      float* tmp = sc.member_tmp[m].data();
+      float* row = &sc.scores[i * cols];
+      const int64_t target = full ? t_ids[i] : i;
+      sc.row_loss[i] = (st.loss_kind == kCrossEntropy || full)
+                           ? cross_entropy_row(row, cols, target, offset, weights, tmp, scale)
+                           : ranking_row(st.loss_kind, row, cols, target, offset, st.elu, st.bpreg, weights, tmp,
+                                         scale);
     });
     double loss = 0;
     for (int i = 0; i < n; ++i) loss += sc.row_loss[i];
-    loss_out[s] = (float)(loss * scale);
-    if (!std::isfinite(loss_out[s])) {
-      // stop before the update: the caller reports this step and keeps the last good checkpoint
-      for (int64_t r = s + 1; r < n_steps; ++r) loss_out[r] = 0.f;
-      break;
+    if (!std::isfinite(loss)) return loss;
+
+    // ---- backward through the scores, per column tile ----
+    // d_out_rows[tile] = ds[:, tile]^T x, d_bias[tile] = column sums of ds, and this tile's part
+    // of d_x = ds[:, tile] out_rows[tile]; the parts are summed in tile order below.
+    const int64_t nd = (int64_t)n * d;
+    sc.d_out_rows.resize(cols * d);
+    sc.d_bias.resize(cols);
+    sc.d_x_tiles.resize(n_tiles * nd);
+    sc.d_x.resize(nd);
+    {
+      const float* ds = sc.scores.data();
+      parallel_for(members, n_tiles, [&](int64_t t, int) {
+        const int64_t j0 = t * kColTile, j1 = std::min(cols, j0 + kColTile);
+        const int w = (int)(j1 - j0);
+        gemm(true, false, w, d, n, ds + j0, (int)cols, x, d, &sc.d_out_rows[j0 * d], d);
+        float* db = &sc.d_bias[j0];
+        std::memcpy(db, ds + j0, sizeof(float) * w);
+        for (int i = 1; i < n; ++i) {
+          const float* row = ds + (int64_t)i * cols + j0;
+          for (int j = 0; j < w; ++j) db[j] += row[j];
+        }
+        gemm(false, false, n, d, w, ds + j0, (int)cols, &sc.out_rows[j0 * d], d, &sc.d_x_tiles[t * nd], d);
+      });
+      sum_parts(sc.d_x_tiles.data(), n_tiles, nd, sc.d_x.data());
     }
 
-    // ---- backward ----
-    const float* ds = sc.scores.data();
-    const int d_last = layers[n_layers - 1].h;
-    sc.d_x.resize((int64_t)n * d_last);
-    gemm_split(parallel, true, false, false, n, d_last, (int)cols, ds, (int)cols, sc.out_rows.data(), d,
-               sc.d_x.data(), d_last);
-    sc.d_out_rows.resize(cols * d);
-    gemm_split(parallel, true, true, false, (int)cols, d, n, ds, (int)cols, x, d, sc.d_out_rows.data(), d);
-    sc.d_bias.assign(cols, 0.f);
-    for (int i = 0; i < n; ++i) {
-      const float* row = ds + (int64_t)i * cols;
-      for (int64_t j = 0; j < cols; ++j) sc.d_bias[j] += row[j];
-    }
+    // ---- backward through the GRU layers, per row tile; the weight gradients per tile ----
+    // No backpropagation through time: the carried state is a constant, but W_hh still learns.
+    const int64_t G = net.dense_size;
+    sc.dense_tiles.resize(row_tiles * G);
+    parallel_for(members, row_tiles, [&](int64_t t, int) {
+      const int64_t r0 = t * kRowTile, r1 = std::min<int64_t>(n, r0 + kRowTile);
+      const int mr = (int)(r1 - r0);
+      float* part = &sc.dense_tiles[t * G];
+      float* d_out = sc.d_x.data();  // gradient w.r.t. the current layer's (dropped-out) output, [n, h]
+      for (int l = n_layers - 1; l >= 0; --l) {
+        Layer& L = layers[l];
+        const int h = L.h, h3 = 3 * h;
+        if (!L.mask.empty())
+          for (int64_t e = r0 * h; e < r1 * h; ++e) d_out[e] *= L.mask[e];
+        for (int64_t i = r0; i < r1; ++i) {
+          const float* gh = &L.gh[i * h3];
+          float* dgi = &L.dgi[i * h3];
+          float* dgh = &L.dgh[i * h3];
+          for (int k = 0; k < h; ++k) {
+            const int64_t e = i * h + k;
+            const float r = L.r[e], z = L.z[e], c = L.c[e], dh = d_out[e];
+            const float dc = dh * (1.f - z);
+            const float dz = dh * (L.h_in[e] - c);
+            const float dac = dc * (1.f - c * c);
+            const float dr = dac * gh[2 * h + k];
+            const float daz = dz * z * (1.f - z);
+            const float dar = dr * r * (1.f - r);
+            dgi[k] = dar;
+            dgi[h + k] = daz;
+            dgi[2 * h + k] = dac;
+            dgh[k] = dar;
+            dgh[h + k] = daz;
+            dgh[2 * h + k] = dac * r;
+          }
+        }
+        gemm(true, false, h, h3, mr, &L.h_in[r0 * h], h, &L.dgh[r0 * h3], h3, part + L.g_w_hh, h3);
+        float* db_ih = part + L.g_b_ih;
+        float* db_hh = part + L.g_b_hh;
+        std::memcpy(db_ih, &L.dgi[r0 * h3], sizeof(float) * h3);
+        std::memcpy(db_hh, &L.dgh[r0 * h3], sizeof(float) * h3);
+        for (int64_t i = r0 + 1; i < r1; ++i)
+          for (int k = 0; k < h3; ++k) {
+            db_ih[k] += L.dgi[i * h3 + k];
+            db_hh[k] += L.dgh[i * h3 + k];
+          }
+        if (L.x == nullptr) break;  // the one-hot input: its rows of w_ih are sparse gradients
+        gemm(true, false, L.in, h3, mr, L.x + r0 * L.in, L.in, &L.dgi[r0 * h3], h3, part + L.g_w_ih, h3);
+        // gradient w.r.t. this layer's input (the previous layer's output, or the embedding)
+        gemm(false, true, mr, L.in, h3, &L.dgi[r0 * h3], h3, p[L.w_ih].value, h3, &L.d_in[r0 * L.in], L.in);
+        d_out = L.d_in.data();
+      }
+      if (!net.one_hot && st.dropout_embed > 0)
+        for (int64_t e = r0 * in0; e < r1 * in0; ++e) layers[0].d_in[e] *= sc.mask0[e];
+    });
+    sum_parts(sc.dense_tiles.data(), row_tiles, G, sc.dense_grad.data());
+
+    // ---- the item-indexed gradients: sources in a fixed order (columns, then inputs) ----
     for (int64_t j = 0; j < cols; ++j) {
       sc.item_emb.add(sc.cols[j], &sc.d_out_rows[j * d]);
       sc.item_bias.add(sc.cols[j], &sc.d_bias[j]);
     }
+    if (net.one_hot) {
+      const int h3 = 3 * layers[0].h;
+      for (int i = 0; i < n; ++i) sc.input_emb.add(x_ids[i], &layers[0].dgi[(int64_t)i * h3]);
+    } else {
+      SparseRows& table = net.separate ? sc.input_emb : sc.item_emb;
+      for (int i = 0; i < n; ++i) table.add(x_ids[i], &layers[0].d_in[(int64_t)i * in0]);
+    }
+    for (SparseRows* table : sparse_tables()) table->finish();
+    return loss;
+  }
 
-    std::vector<float>& d_out = sc.d_x;  // gradient w.r.t. the current layer's (dropped-out) output
-    for (int l = n_layers - 1; l >= 0; --l) {
-      Layer& L = layers[l];
-      const int h = L.h, h3 = 3 * h;
-      if (!L.mask.empty())
-        for (int64_t e = 0; e < (int64_t)n * h; ++e) d_out[e] *= L.mask[e];
-      L.dgi.resize((int64_t)n * h3);
-      L.dgh.resize((int64_t)n * h3);
-      for (int i = 0; i < n; ++i) {
-        const float* gh = &L.gh[(int64_t)i * h3];
-        float* dgi = &L.dgi[(int64_t)i * h3];
-        float* dgh = &L.dgh[(int64_t)i * h3];
-        for (int k = 0; k < h; ++k) {
-          const int64_t e = (int64_t)i * h + k;
-          const float r = L.r[e], z = L.z[e], c = L.c[e], dh = d_out[e];
-          const float dc = dh * (1.f - z);
-          const float dz = dh * (L.h_in[e] - c);
-          const float dac = dc * (1.f - c * c);
-          const float dr = dac * gh[2 * h + k];
-          const float daz = dz * z * (1.f - z);
-          const float dar = dr * r * (1.f - r);
-          dgi[k] = dar;
-          dgi[h + k] = daz;
-          dgi[2 * h + k] = dac;
-          dgh[k] = dar;
-          dgh[h + k] = daz;
-          dgh[2 * h + k] = dac * r;
-        }
+  // parts: `count` arrays of `size` floats; out = their sum, added in array order (chunks in parallel)
+  void sum_parts(const float* parts, int64_t count, int64_t size, float* out) {
+    const int64_t chunks = (size + kChunk - 1) / kChunk;
+    parallel_for(members, chunks, [&](int64_t c, int) {
+      const int64_t e0 = c * kChunk, e1 = std::min(size, e0 + kChunk);
+      std::memcpy(out + e0, parts + e0, sizeof(float) * (e1 - e0));
+      for (int64_t t = 1; t < count; ++t) {
+        const float* part = parts + t * size;
+        for (int64_t e = e0; e < e1; ++e) out[e] += part[e];
       }
-      // no backpropagation through time: the carried state is a constant, but W_hh still learns
-      gemm(true, false, h, h3, n, L.h_in.data(), h, L.dgh.data(), h3, L.d_w_hh.data(), h3);
-      std::fill(L.d_b_ih.begin(), L.d_b_ih.end(), 0.f);
-      std::fill(L.d_b_hh.begin(), L.d_b_hh.end(), 0.f);
-      for (int i = 0; i < n; ++i)
-        for (int k = 0; k < h3; ++k) {
-          L.d_b_ih[k] += L.dgi[(int64_t)i * h3 + k];
-          L.d_b_hh[k] += L.dgh[(int64_t)i * h3 + k];
-        }
-      if (one_hot && l == 0) {
-        for (int i = 0; i < n; ++i) sc.input_emb.add(x_ids[i], &L.dgi[(int64_t)i * h3]);
-        break;
-      }
-      gemm(true, false, L.in, h3, n, L.x.data(), L.in, L.dgi.data(), h3, L.d_w_ih.data(), h3);
-      // gradient w.r.t. this layer's input (the previous layer's output, or the embedding)
-      sc.d_prev.resize((int64_t)n * L.in);
-      gemm(false, true, n, L.in, h3, L.dgi.data(), h3, p[L.w_ih].value, h3, sc.d_prev.data(), L.in);
-      d_out.swap(sc.d_prev);
-    }
-    if (!one_hot) {
-      if (dropout_embed > 0)
-        for (int64_t e = 0; e < (int64_t)n * in0; ++e) d_out[e] *= sc.mask0[e];
-      SparseGrad& table = separate ? sc.input_emb : sc.item_emb;
-      for (int i = 0; i < n; ++i) table.add(x_ids[i], &d_out[(int64_t)i * in0]);
-    }
+    });
+  }
 
-    // ---- update: dense GRU matrices, then the touched rows of the item matrices ----
-    for (int l = 0; l < n_layers; ++l) {
-      Layer& L = layers[l];
-      if (!(one_hot && l == 0)) upd.apply(p[L.w_ih].value, L.d_w_ih.data(), p[L.w_ih].acc, p[L.w_ih].mom, p[L.w_ih].size);
-      upd.apply(p[L.w_hh].value, L.d_w_hh.data(), p[L.w_hh].acc, p[L.w_hh].mom, p[L.w_hh].size);
-      upd.apply(p[L.b_ih].value, L.d_b_ih.data(), p[L.b_ih].acc, p[L.b_ih].mom, p[L.b_ih].size);
-      upd.apply(p[L.b_hh].value, L.d_b_hh.data(), p[L.b_hh].acc, p[L.b_hh].mom, p[L.b_hh].size);
-    }
-    auto sparse_update = [&](SparseGrad& g, const Param& q) {
-      const int w = g.width;
-      for (size_t k = 0; k < g.rows.size(); ++k) {
-        const int64_t off = g.rows[k] * w;
-        upd.apply(q.value + off, g.grad.data() + k * w, q.acc ? q.acc + off : nullptr, q.mom ? q.mom + off : nullptr,
-                  w);
-      }
-      g.clear();
+  // the update from sc.dense_grad and the finished SparseRows: dense chunks and blocks of
+  // touched rows, all threads at once
+  void update() {
+    std::vector<Param>& p = net.p;
+    std::vector<UpdateTask>& tasks = sc.tasks;
+    tasks.clear();
+    auto add_dense = [&](int index, int64_t offset) {
+      for (int64_t lo = 0; lo < p[index].size; lo += kChunk)
+        tasks.push_back({&p[index], sc.dense_grad.data() + offset, nullptr, lo, std::min(p[index].size, lo + kChunk)});
     };
-    sparse_update(sc.item_emb, p[item_emb]);
-    sparse_update(sc.item_bias, p[item_bias]);
-    if (separate) sparse_update(sc.input_emb, p[0]);
-    if (one_hot) sparse_update(sc.input_emb, p[layers[0].w_ih]);
+    for (const Layer& L : layers) {
+      if (L.g_w_ih >= 0) add_dense(L.w_ih, L.g_w_ih);
+      add_dense(L.w_hh, L.g_w_hh);
+      add_dense(L.b_ih, L.g_b_ih);
+      add_dense(L.b_hh, L.g_b_hh);
+    }
+    for (SparseRows* table : sparse_tables()) {
+      const int64_t block = std::max<int64_t>(1, kChunk / table->width);
+      for (int64_t lo = 0; lo < (int64_t)table->items.size(); lo += block)
+        tasks.push_back({&sparse_param(table), nullptr, table, lo, std::min<int64_t>(table->items.size(), lo + block)});
+    }
+    parallel_for(members, (int64_t)tasks.size(), [&](int64_t k, int m) {
+      const UpdateTask& task = tasks[k];
+      const Param& q = *task.param;
+      if (task.rows == nullptr) {
+        const int64_t o = task.lo, len = task.hi - task.lo;
+        upd.apply(q.value + o, task.grad + o, q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, len);
+        return;
+      }
+      const SparseRows& g = *task.rows;
+      const int w = g.width;
+      float* sum = sc.member_tmp[m].data();
+      for (int64_t r = task.lo; r < task.hi; ++r) {
+        if (r + 2 < task.hi) {
+          const int64_t ahead = g.items[r + 2] * w;
+          prefetch_row(q.value + ahead, w);
+          if (q.acc) prefetch_row(q.acc + ahead, w);
+          if (q.mom) prefetch_row(q.mom + ahead, w);
+        }
+        const int64_t o = g.items[r] * w;
+        upd.apply(q.value + o, g.gradient(r, sum), q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, w);
+      }
+    });
+    for (SparseRows* table : sparse_tables()) table->clear();
+  }
+};
 
+// Parameters, their optimizer slots (Adagrad accumulators, then momentum buffers) as pointers.
+void attach_slots(Net& net, const std::vector<paddle::Tensor>& slots, int optimizer, float momentum) {
+  const int n_params = (int)net.p.size();
+  const bool with_acc = optimizer == kAdagrad;
+  const bool with_mom = momentum > 0.f;
+  PD_CHECK((int)slots.size() == n_params * ((with_acc ? 1 : 0) + (with_mom ? 1 : 0)), "unexpected optimizer slots");
+  for (int i = 0; i < n_params; ++i) {
+    int s = 0;
+    if (with_acc) net.p[i].acc = mut(slots[s++ * n_params + i]);
+    if (with_mom) net.p[i].mom = mut(slots[s * n_params + i]);
+  }
+}
+
+uint64_t step_key(int64_t seed, int64_t step) { return mix64(mix64((uint64_t)seed) ^ mix64((uint64_t)step + 1)); }
+
+}  // namespace
+
+std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>& params,
+                                              const std::vector<paddle::Tensor>& slots, const paddle::Tensor& hidden,
+                                              const paddle::Tensor& step_offsets, const paddle::Tensor& inputs,
+                                              const paddle::Tensor& targets, const paddle::Tensor& carry,
+                                              const paddle::Tensor& samples, const paddle::Tensor& log_support,
+                                              int embedding, int loss_kind, int optimizer, int batch_size,
+                                              float dropout_embed, float dropout_hidden, float logq, float sample_alpha,
+                                              float bpreg, float elu, float lr, float momentum, int64_t seed) {
+  // Every thread runs single-threaded MKL on its own tiles (see Team): the results are the same
+  // for any thread count.
+  const int members = team_size();
+  Team::get().ensure(members);
+  MklThreads one_thread(1);
+  static thread_local std::vector<Layer> layers;
+  static thread_local Scratch scratch;  // buffers live across calls: fresh pages cost a page-clear each time
+  Net net = parse_net(params, embedding, layers);
+  attach_slots(net, slots, optimizer, momentum);
+  const Settings st{embedding, loss_kind, optimizer, batch_size, dropout_embed, dropout_hidden, logq,
+                    sample_alpha, bpreg, elu, lr, momentum, seed};
+  Scratch& sc = scratch;  // a lambda naming a thread_local would see the helper thread's own copy
+  Trainer trainer(net, layers, sc, st, members, Team::get().capacity(), log_support.data<float>());
+
+  const int64_t n_steps = step_offsets.numel() - 1;
+  const int64_t* offs = step_offsets.data<int64_t>();
+  const int64_t* in_ids = inputs.data<int64_t>();
+  const int64_t* tg_ids = targets.data<int64_t>();
+  const int64_t* car = carry.data<int64_t>();
+  const int64_t n_sample = samples.numel() ? samples.shape()[1] : 0;
+  const int64_t* smp = samples.numel() ? samples.data<int64_t>() : nullptr;
+  check_ids(in_ids, inputs.numel(), net.n_items, "inputs");
+  check_ids(tg_ids, targets.numel(), net.n_items, "targets");
+  if (smp) check_ids(smp, samples.numel(), net.n_items, "samples");
+
+  const int total_h = net.total_h;
+  int64_t prev_rows = hidden.numel() ? hidden.shape()[0] : 0;
+  PD_CHECK(prev_rows == 0 || hidden.shape()[1] == total_h, "hidden state width mismatch");
+  sc.prev_hidden.assign(hidden.data<float>(), hidden.data<float>() + prev_rows * total_h);
+
+  auto losses = paddle::empty({n_steps}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  float* loss_out = losses.data<float>();
+  int64_t rows = 0;
+  for (int64_t s = 0; s < n_steps; ++s) {
+    const int64_t lo = offs[s];
+    rows = offs[s + 1] - lo;
+    const int n = (int)rows;
+    if (loss_kind != kFullSoftmax && n_sample == 0 && n < 2) {
+      // a lone row has no negative without shared samples: the official code ends the epoch here
+      loss_out[s] = 0.f;
+      continue;
+    }
+    const double loss = trainer.gradients(n, in_ids + lo, tg_ids + lo, car + lo, smp ? smp + s * n_sample : nullptr,
+                                          n_sample, sc.prev_hidden.data(), prev_rows, step_key(seed, s));
+    loss_out[s] = (float)loss;  // the sum over rows; the gradients are those of loss / batch_size
+    if (!std::isfinite(loss)) {
+      // stop before the update: the caller reports this step and keeps the last good checkpoint
+      for (int64_t r = s + 1; r < n_steps; ++r) loss_out[r] = 0.f;
+      break;
+    }
+    trainer.update();
     sc.prev_hidden.swap(sc.next_hidden);
     prev_rows = n;
   }
-
   auto hidden_out = paddle::empty({rows, (int64_t)total_h}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   std::memcpy(hidden_out.data<float>(), sc.prev_hidden.data(), sizeof(float) * rows * total_h);
   return {losses, hidden_out};
+}
+
+namespace {
+
+// A SparseRows table as (item ids int64 [m], summed gradient rows float [m, width]).
+std::vector<paddle::Tensor> table_tensors(const SparseRows& table, float* scratch) {
+  const int64_t m = (int64_t)table.items.size();
+  auto ids = paddle::empty({m}, paddle::DataType::INT64, paddle::CPUPlace());
+  auto grads = paddle::empty({m, (int64_t)table.width}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  if (m) std::memcpy(ids.data<int64_t>(), table.items.data(), sizeof(int64_t) * m);
+  float* out = grads.data<float>();
+  for (int64_t s = 0; s < m; ++s)
+    std::memcpy(out + s * table.width, table.gradient(s, scratch), sizeof(float) * table.width);
+  return {ids, grads};
+}
+
+}  // namespace
+
+// One training step's gradients without the update (distributed training combines them with
+// the other workers' before gru4rec_update_step): the loss (summed over rows), the next
+// hidden state, the flat dense gradient (per layer: w_ih unless the input is one-hot, w_hh, b_ih,
+// b_hh) and, per item-indexed parameter (item_emb, item_bias, then input_emb or gru0_w_ih when
+// the embedding is separate or none), its touched rows and their summed gradients.
+std::vector<paddle::Tensor> Gru4recBackwardStep(const std::vector<paddle::Tensor>& params,
+                                                 const paddle::Tensor& hidden, const paddle::Tensor& inputs,
+                                                 const paddle::Tensor& targets, const paddle::Tensor& carry,
+                                                 const paddle::Tensor& samples, const paddle::Tensor& log_support,
+                                                 int embedding, int loss_kind, int optimizer, int batch_size,
+                                                 float dropout_embed, float dropout_hidden, float logq,
+                                                 float sample_alpha, float bpreg, float elu, float lr, float momentum,
+                                                 int64_t seed) {
+  const int members = team_size();
+  Team::get().ensure(members);
+  MklThreads one_thread(1);
+  static thread_local std::vector<Layer> layers;
+  static thread_local Scratch scratch;
+  Net net = parse_net(params, embedding, layers);
+  const Settings st{embedding, loss_kind, optimizer, batch_size, dropout_embed, dropout_hidden, logq,
+                    sample_alpha, bpreg, elu, lr, momentum, seed};
+  Scratch& sc = scratch;
+  Trainer trainer(net, layers, sc, st, members, Team::get().capacity(), log_support.data<float>());
+  const int n = (int)inputs.numel();
+  const int64_t n_sample = samples.numel() ? samples.shape()[1] : 0;
+  const int64_t* smp = samples.numel() ? samples.data<int64_t>() : nullptr;
+  check_ids(inputs.data<int64_t>(), n, net.n_items, "inputs");
+  check_ids(targets.data<int64_t>(), n, net.n_items, "targets");
+  if (smp) check_ids(smp, samples.numel(), net.n_items, "samples");
+  PD_CHECK(loss_kind == kFullSoftmax || n_sample > 0 || n >= 2, "a lone row without shared negatives has no loss");
+  const int64_t prev_rows = hidden.numel() ? hidden.shape()[0] : 0;
+  const double loss = trainer.gradients(n, inputs.data<int64_t>(), targets.data<int64_t>(), carry.data<int64_t>(),
+                                        smp, n_sample, hidden.data<float>(), prev_rows, step_key(seed, 0));
+  auto loss_t = paddle::empty({1}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  loss_t.data<float>()[0] = (float)loss;
+  auto hidden_out = paddle::empty({(int64_t)n, (int64_t)net.total_h}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  std::memcpy(hidden_out.data<float>(), sc.next_hidden.data(), sizeof(float) * n * net.total_h);
+  auto dense = paddle::empty({net.dense_size}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  std::vector<paddle::Tensor> out = {loss_t, hidden_out, dense};
+  if (!std::isfinite(loss)) {  // no gradients: the caller stops
+    std::memset(dense.data<float>(), 0, sizeof(float) * net.dense_size);
+    for (SparseRows* table : trainer.sparse_tables()) table->clear();
+    for (SparseRows* table : trainer.sparse_tables()) table->finish();
+  } else {
+    std::memcpy(dense.data<float>(), sc.dense_grad.data(), sizeof(float) * net.dense_size);
+  }
+  float* row_scratch = sc.member_tmp[0].data();
+  std::vector<SparseRows*> tables = trainer.sparse_tables();
+  for (int k = 0; k < 3; ++k) {
+    if (k < (int)tables.size()) {
+      for (const paddle::Tensor& t : table_tensors(*tables[k], row_scratch)) out.push_back(t);
+    } else {  // no third table (shared embedding)
+      out.push_back(paddle::empty({0}, paddle::DataType::INT64, paddle::CPUPlace()));
+      out.push_back(paddle::empty({0, 1}, paddle::DataType::FLOAT32, paddle::CPUPlace()));
+    }
+  }
+  for (SparseRows* table : tables) table->clear();
+  return out;
+}
+
+// The update of one step from (combined) gradients laid out as gru4rec_backward_step gives
+// them; repeated rows (several workers touched the item) are summed first. Returns a dummy.
+std::vector<paddle::Tensor> Gru4recUpdateStep(
+    const std::vector<paddle::Tensor>& params, const std::vector<paddle::Tensor>& slots, const paddle::Tensor& dense,
+    const paddle::Tensor& item_rows, const paddle::Tensor& item_grads, const paddle::Tensor& bias_rows,
+    const paddle::Tensor& bias_grads, const paddle::Tensor& input_rows, const paddle::Tensor& input_grads,
+    int embedding, int optimizer, float lr, float momentum) {
+  const int members = team_size();
+  Team::get().ensure(members);
+  MklThreads one_thread(1);
+  static thread_local std::vector<Layer> layers;
+  static thread_local Scratch scratch;
+  Net net = parse_net(params, embedding, layers);
+  attach_slots(net, slots, optimizer, momentum);
+  const Settings st{embedding, 0, optimizer, 1, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, lr, momentum, 0};
+  Scratch& sc = scratch;
+  Trainer trainer(net, layers, sc, st, members, Team::get().capacity(), nullptr);
+  for (auto& tmp : sc.member_tmp) tmp.resize(std::max(net.d, 3 * net.total_h + net.in0));
+  PD_CHECK(dense.numel() == net.dense_size, "dense gradient of ", dense.numel(), " values for ", net.dense_size);
+  std::memcpy(sc.dense_grad.data(), dense.data<float>(), sizeof(float) * net.dense_size);
+  const paddle::Tensor* rows[3] = {&item_rows, &bias_rows, &input_rows};
+  const paddle::Tensor* grads[3] = {&item_grads, &bias_grads, &input_grads};
+  std::vector<SparseRows*> tables = trainer.sparse_tables();
+  for (size_t k = 0; k < tables.size(); ++k) {
+    const int64_t m = rows[k]->numel();
+    PD_CHECK(grads[k]->numel() == m * tables[k]->width, "sparse gradient ", k, ": ", grads[k]->numel(),
+             " values for ", m, " rows of ", tables[k]->width);
+    const int64_t* ids = rows[k]->data<int64_t>();
+    check_ids(ids, m, net.n_items, "gradient rows");
+    const float* g = grads[k]->data<float>();
+    for (int64_t r = 0; r < m; ++r) tables[k]->add(ids[r], g + r * tables[k]->width);
+    tables[k]->finish();
+  }
+  trainer.update();
+  auto done = paddle::empty({1}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  done.data<float>()[0] = 0.f;
+  return {done};
 }
 
 // Evaluation over a batch of session-parallel steps: every row's state is scored against
@@ -799,15 +1150,18 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
                                              const paddle::Tensor& step_offsets, const paddle::Tensor& inputs,
                                              const paddle::Tensor& targets, const paddle::Tensor& carry,
                                              const paddle::Tensor& score_mask, int embedding, int topk) {
-  const bool parallel = worker_threads() > 1;
+  const int members = team_size();
+  Team::get().ensure(members);
+  const int capacity = Team::get().capacity();
   MklThreads one_thread(1);
   static thread_local std::vector<Layer> layers;
-  static thread_local std::vector<float> prev_hidden, next_hidden, h_in, x0, scores_buffer, base_buffer;
-  // what the helper thread's lambdas use must be named through references: a lambda naming a
+  static thread_local std::vector<float> prev_hidden, next_hidden, h_in, x0, base_buffer;
+  static thread_local std::vector<std::vector<float>> member_scores;  // per thread: a row tile's scores
+  // what the helper threads' lambdas use must be named through references: a lambda naming a
   // thread_local directly would see the helper thread's own (empty) copy
-  std::vector<float>& scores = scores_buffer;
   std::vector<float>& base = base_buffer;
-  Net net = parse_net(params, embedding, layers, /*with_grads=*/false);
+  std::vector<std::vector<float>>& tile_scores = member_scores;
+  Net net = parse_net(params, embedding, layers);
   const int64_t n_items = net.n_items;
   const int d = net.d, total_h = net.total_h, in0 = net.in0;
   const int64_t n_steps = step_offsets.numel() - 1;
@@ -856,43 +1210,45 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
       PD_CHECK(c < prev_rows, "carry row ", c, " is beyond the previous step's ", prev_rows, " rows");
       if (c >= 0) std::memcpy(&h_in[(int64_t)i * total_h], &prev_hidden[c * total_h], sizeof(float) * total_h);
     }
-    const float* x = nullptr;
-    int x_width = 0;
     if (!net.one_hot) {
       const float* table = net.p[net.separate ? 0 : net.item_emb].value;
       x0.resize((int64_t)n * in0);
       for (int i = 0; i < n; ++i) std::memcpy(&x0[(int64_t)i * in0], table + x_ids[i] * in0, sizeof(float) * in0);
-      x = x0.data();
-      x_width = in0;
     }
     next_hidden.assign((int64_t)n * total_h, 0.f);
     int h_off = 0;
     for (int l = 0; l < net.n_layers; ++l) {
       Layer& L = layers[l];
-      layer_forward(L, net.p, n, x, x_width, h_in.data(), total_h, h_off, net.one_hot && l == 0, x_ids);
+      L.resize(n, false);
+      L.x = l > 0 ? layers[l - 1].out.data() : (net.one_hot ? nullptr : x0.data());
+      layer_forward(L, net.p, 0, n, h_in.data(), total_h, h_off, x_ids);
       for (int i = 0; i < n; ++i)
         std::memcpy(&next_hidden[(int64_t)i * total_h + h_off], &L.out[(int64_t)i * L.h], sizeof(float) * L.h);
-      x = L.out.data();
-      x_width = L.h;
       h_off += L.h;
     }
-    // products only: bias + mask (`base`, small enough to stay in cache) is added while ranking,
-    // instead of being copied into every row first
-    scores.resize((int64_t)n * n_items);
-    gemm_split(parallel, false, false, true, n, (int)n_items, d, x, d, net.p[net.item_emb].value, d, scores.data(),
-               (int)n_items);
+    const float* x = layers[net.n_layers - 1].out.data();
     // where each row's result goes: its target's slot, or its ended session's slot
     slot.resize(n);
     for (int i = 0; i < n; ++i) slot[i] = tg_ids[lo + i] >= 0 ? t_out++ : e_out++;
-    split_two(parallel && (double)n * n_items >= 1e5, n, [&](int64_t r0, int64_t r1) {
+    // per tile of kEvalRows rows: the products only (bias + mask, `base`, small enough to stay in
+    // cache, is added while ranking instead of being copied into every row first), then the ranks
+    const int64_t row_tiles = (n + kEvalRows - 1) / kEvalRows;
+    const int used = (int)std::min<int64_t>(members, row_tiles);
+    tile_scores.resize(capacity);
+    for (int m = 0; m < (used > 1 ? capacity : 1); ++m) tile_scores[m].resize(kEvalRows * n_items);
+    const float* item_matrix = net.p[net.item_emb].value;
+    parallel_for(members, row_tiles, [&](int64_t t, int m) {
+      const int64_t r0 = t * kEvalRows, r1 = std::min<int64_t>(n, r0 + kEvalRows);
+      float* scores = tile_scores[m].data();
+      gemm(false, true, (int)(r1 - r0), (int)n_items, d, x + r0 * d, d, item_matrix, d, scores, (int)n_items);
       std::vector<int64_t> best_ids(k);
       std::vector<float> best_scores(k);
       for (int64_t i = r0; i < r1; ++i) {
-        float* row = &scores[i * n_items];
+        float* row = &scores[(i - r0) * n_items];
         const float* b = base.data();
-        const int64_t t = tg_ids[lo + i];
-        if (t >= 0) {
-          const float ts = row[t] + b[t];
+        const int64_t t_id = tg_ids[lo + i];
+        if (t_id >= 0) {
+          const float ts = row[t_id] + b[t_id];
           if (std::isnan(ts)) {  // reported by the caller, which knows what to tell the user
             higher[slot[i]] = -1;
             equal[slot[i]] = 0;
@@ -934,17 +1290,68 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
   return {higher_t, equal_t, topk_ids_t, topk_scores_t, hidden_out};
 }
 
+namespace {
+
+// The operators' attributes, in order; csrc/kernel.py lists the same names (checked at load).
+const std::vector<std::string> kTrainAttrs = {
+    "embedding: int", "loss_kind: int", "optimizer: int", "batch_size: int", "dropout_embed: float",
+    "dropout_hidden: float", "logq: float", "sample_alpha: float", "bpreg: float", "elu: float", "lr: float",
+    "momentum: float", "seed: int64_t"};
+const std::vector<std::string> kEvalAttrs = {"embedding: int", "topk: int"};
+const std::vector<std::string> kApplyAttrs = {"embedding: int", "optimizer: int", "lr: float", "momentum: float"};
+
+std::string attr_names(const std::vector<std::string>& attrs) {
+  std::string out;
+  for (const std::string& a : attrs) out += (out.empty() ? "" : ",") + a.substr(0, a.find(':'));
+  return out;
+}
+
+}  // namespace
+
+// This library's codes and attributes as text, for csrc/kernel.py to compare with its own table.
+std::vector<paddle::Tensor> Gru4recLayout(const paddle::Tensor&) {
+  char eps[32];
+  std::snprintf(eps, sizeof(eps), "%g", (double)kAdagradEps);
+  const std::string text =
+      "embedding:shared=" + std::to_string(kShared) + ",separate=" + std::to_string(kSeparate) +
+      ",none=" + std::to_string(kOneHot) + ";loss:cross-entropy=" + std::to_string(kCrossEntropy) +
+      ",bpr-max=" + std::to_string(kBprMax) + ",top1-max=" + std::to_string(kTop1Max) +
+      ",full_softmax=" + std::to_string(kFullSoftmax) + ";optimizer:adagrad=" + std::to_string(kAdagrad) +
+      ",sgd=" + std::to_string(kSgd) + ";adagrad_eps:" + eps + ";train_attrs:" + attr_names(kTrainAttrs) +
+      ";eval_attrs:" + attr_names(kEvalAttrs) + ";apply_attrs:" + attr_names(kApplyAttrs);
+  auto out = paddle::empty({(int64_t)text.size()}, paddle::DataType::UINT8, paddle::CPUPlace());
+  std::memcpy(out.data<uint8_t>(), text.data(), text.size());
+  return {out};
+}
+
 PD_BUILD_OP(gru4rec_train_steps)
     .Inputs({paddle::Vec("Params"), paddle::Vec("Slots"), "Hidden", "StepOffsets", "Inputs", "Targets", "Carry",
              "Samples", "LogSupport"})
     .Outputs({"Losses", "HiddenOut"})
-    .Attrs({"embedding: int", "loss_kind: int", "optimizer: int", "batch_size: int", "dropout_embed: float",
-            "dropout_hidden: float", "logq: float", "sample_alpha: float", "bpreg: float", "elu: float", "lr: float",
-            "momentum: float", "seed: int64_t"})
+    .Attrs(std::vector<std::string>(kTrainAttrs))
     .SetKernelFn(PD_KERNEL(Gru4recTrainSteps));
 
 PD_BUILD_OP(gru4rec_eval_steps)
     .Inputs({paddle::Vec("Params"), "Hidden", "StepOffsets", "Inputs", "Targets", "Carry", "ScoreMask"})
     .Outputs({"Higher", "Equal", "TopkIds", "TopkScores", "HiddenOut"})
-    .Attrs({"embedding: int", "topk: int"})
+    .Attrs(std::vector<std::string>(kEvalAttrs))
     .SetKernelFn(PD_KERNEL(Gru4recEvalSteps));
+
+PD_BUILD_OP(gru4rec_backward_step)
+    .Inputs({paddle::Vec("Params"), "Hidden", "Inputs", "Targets", "Carry", "Samples", "LogSupport"})
+    .Outputs({"Loss", "HiddenOut", "DenseGrad", "ItemRows", "ItemGrads", "BiasRows", "BiasGrads", "InputRows",
+              "InputGrads"})
+    .Attrs(std::vector<std::string>(kTrainAttrs))
+    .SetKernelFn(PD_KERNEL(Gru4recBackwardStep));
+
+PD_BUILD_OP(gru4rec_update_step)
+    .Inputs({paddle::Vec("Params"), paddle::Vec("Slots"), "DenseGrad", "ItemRows", "ItemGrads", "BiasRows",
+             "BiasGrads", "InputRows", "InputGrads"})
+    .Outputs({"Done"})
+    .Attrs(std::vector<std::string>(kApplyAttrs))
+    .SetKernelFn(PD_KERNEL(Gru4recUpdateStep));
+
+PD_BUILD_OP(gru4rec_layout)
+    .Inputs({"Unused"})
+    .Outputs({"Text"})
+    .SetKernelFn(PD_KERNEL(Gru4recLayout));

@@ -1,4 +1,4 @@
-"""Checkpoints and inference models on disk, written so that a kill never leaves a broken one.
+"""Training checkpoints on disk, written so that a kill never leaves a broken one.
 
 Layout: `<root>/<epoch>/` holds
     model.pdparams   the network's state_dict (paddle.save)
@@ -6,11 +6,11 @@ Layout: `<root>/<epoch>/` holds
     meta.json        epoch, data info, model signature, hyper_parameters, and (format 2) the size
                      and sha256 of both files and the name, shape and dtype of every weight
                      tensor — written last
-Inference models: `<root>/<epoch>/` holds model.json + model.pdiparams (paddle.jit.save),
-io.json (input/output names in order) and vocab.txt when the item ids have labels.
+(Inference models have their own layout: paddlerec/export.py.)
 
 Everything is written into a hidden temporary folder next to the target and renamed into
-place only when complete; a folder without meta.json/io.json is never picked up.
+place only when complete (paddlerec/files.atomic_folder); a folder without meta.json is never
+picked up.
 """
 
 import json
@@ -20,9 +20,8 @@ import time
 
 import paddle
 
-from . import files
-from .errors import CheckpointError, SaveError  # noqa: F401  (runners raise checkpoint.SaveError)
-from .files import file_digest
+from .errors import CheckpointError
+from .files import atomic_folder, file_digest, save_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -31,39 +30,23 @@ READABLE_FORMATS = (1, 2)  # 1: no checksums, so only the tensors are checked
 META = "meta.json"
 WEIGHTS = "model.pdparams"
 OPTIMIZER = "optimizer.pdopt"
-IO = "io.json"
-
-
-def _write_json(path, value):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_folder(root, name, fill):
-    """Create `<root>/<name>/` by calling fill(tmp_folder) and renaming; replaces an old one. The
-    temporary folder is removed whatever ends the save (a full disk, SIGTERM, ...)."""
-    try:
-        return files.atomic_folder(root, name, fill)
-    except OSError as exc:
-        raise files.save_error(os.path.join(root, name), exc, ". Earlier checkpoints are untouched.") from None
 
 
 def save_checkpoint(root, epoch, model, meta):
-    """Write checkpoint `<root>/<epoch>`; meta (JSON-able) gets epoch and signature added."""
+    """Write checkpoint `<root>/<epoch>`; meta (JSON-able) gets epoch and signature added.
+    Raises SaveError (e.g. a full disk); the checkpoints saved before are untouched then."""
     def fill(tmp):
         state = model.network.state_dict()
         paddle.save(state, os.path.join(tmp, WEIGHTS))
         paddle.save(model.optimizer_state(), os.path.join(tmp, OPTIMIZER))
-        files = {name: file_digest(os.path.join(tmp, name)) for name in (WEIGHTS, OPTIMIZER)}
-        _write_json(os.path.join(tmp, META), dict(meta, format=FORMAT, epoch=epoch, signature=model.signature(),
-                                                  files=files, tensors=describe_tensors(state),
-                                                  saved_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
-    return atomic_folder(root, str(epoch), fill)
-
-
-from .export import write_export as export_inference  # kept until runners call export.write_export
+        digests = {name: file_digest(os.path.join(tmp, name)) for name in (WEIGHTS, OPTIMIZER)}
+        write_json(os.path.join(tmp, META), dict(meta, format=FORMAT, epoch=epoch, signature=model.signature(),
+                                                 files=digests, tensors=describe_tensors(state),
+                                                 saved_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    try:
+        return atomic_folder(root, str(epoch), fill)
+    except OSError as exc:
+        raise save_error(os.path.join(root, str(epoch)), exc, ". Earlier checkpoints are untouched.") from None
 
 
 def is_checkpoint(path):

@@ -33,8 +33,20 @@ PHASE_PARAMS = (
     Param("name", "str", help="name that runners refer to in `phases`"),
     Param("model", "path", help="model file (see README, 'The model contract')"),
     Param("dataset_name", "str", help="the `dataset` entry this phase reads"),
-    Param("thread_num", "int", 1, min=1, max=256, help="CPU threads for computation (the largest over the run's phases is used)"),
+    Param("thread_num", "int", 1, min=0, max=1024,
+          help="CPU threads for computation (the largest over the run's phases is used); 0: every core this "
+               "process may run on"),
 )
+
+def cpu_threads(thread_num: int) -> int:
+    """A phase's thread_num as a thread count: 0 stands for every core this process may run on."""
+    if thread_num > 0:
+        return thread_num
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
 
 # retired PaddleRec 1.x keys -> what to do instead
 LEGACY_HINTS = {

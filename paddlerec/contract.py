@@ -23,13 +23,19 @@ Model file (`phase.model`) defines
         network: paddle.nn.Layer             all state a checkpoint holds (parameters, buffers)
         signature() -> dict                  what must match to load a checkpoint (sizes)
         optimizer_state() -> dict            name -> Tensor; load_optimizer_state(dict)
-        begin_epoch(epoch: int, training: bool, batch_size: int)
-        train_step(batch) -> numpy array     trains on each mini-batch; their summed losses / batch_size
+        begin_epoch(epoch: int, training: bool)
+        train_step(batch, batch_size: int) -> float64 [batch.n_steps]
+                                             trains on each mini-batch; per mini-batch the SUM of its
+                                             rows' losses (the update follows that sum / batch_size,
+                                             batch_size being the configured mini-batch size)
         eval_step(batch, topk, tie_mode) -> EvalOutput
         known_items() -> bool array          items it may rank and recommend (evaluation drops the rest)
         grad_reducer                         None, or a function distributed training sets to combine
                                              (dense_grads, sparse_grads) between backward and update
-        export(path_prefix: str, topk: int) -> dict   writes a paddle.inference model; returns its I/O description
+        export(path_prefix: str, topk: int) -> dict   paddle.jit.save of one click step taking (item_ids,
+                                             hidden, exclude_ids) and giving (topk_ids, topk_scores,
+                                             next_hidden) — paddlerec/export.py documents them; returns
+                                             inputs, outputs, n_items, hidden_size, topk, layers, unseen_items
 """
 
 from dataclasses import dataclass

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 
+from .files import atomic_paths, write_text
+
 log = logging.getLogger(__name__)
 
 CSV, JSON, PNG, VISUALDL = "curves.csv", "curves.json", "curves.png", "visualdl"
@@ -67,8 +69,8 @@ class History:
         writer = csv.DictWriter(text, fieldnames=keys)
         writer.writeheader()
         writer.writerows(self.rows)
-        _replace(os.path.join(self.folder, CSV), text.getvalue())
-        _replace(os.path.join(self.folder, JSON), json.dumps(self.rows, indent=1))
+        write_text(os.path.join(self.folder, CSV), text.getvalue())
+        write_text(os.path.join(self.folder, JSON), json.dumps(self.rows, indent=1))
         plot(self.rows, os.path.join(self.folder, PNG), self.title)
 
     def _log_visualdl(self, row):
@@ -98,26 +100,6 @@ def _visualdl_writer(logdir):
         return None
     log.info("VisualDL logs in %s (visualdl --logdir %s)", logdir, logdir)
     return LogWriter(logdir=logdir)
-
-
-def _replace(path, text):
-    _atomic(path, f".tmp-{os.getpid()}", lambda tmp: _write_text(tmp, text))
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _atomic(path, suffix, write):
-    """write(tmp) then rename over path; a failed write leaves neither a tmp file nor a half file."""
-    tmp = path + suffix
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot(rows, path, title=""):
@@ -159,6 +141,7 @@ def plot(rows, path, title=""):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     try:
-        _atomic(path, f".tmp-{os.getpid()}.png", lambda tmp: fig.savefig(tmp, dpi=100))
+        with atomic_paths(path) as (tmp,):
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)

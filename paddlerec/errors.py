@@ -69,6 +69,31 @@ class PluginError(UserError):
     prefix = "error"
 
 
+class DistributedError(UserError):
+    """The distributed job failed or could not start; names the worker and its log."""
+
+    exit_code = 1
+    prefix = "distributed error"
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class PeerLost(UserError):
+    """A collective or the job's store failed: another worker most likely stopped first."""
+
+    exit_code = 1
+    prefix = "distributed error"
+
+
+class Terminated(UserError):
+    """SIGTERM or SIGHUP reached the process; it stopped cleanly."""
+
+    exit_code = 143
+    prefix = "error"
+
+
 def line_prefixes():
     """Every prefix an entry point prints before a UserError's message ("config error", ...),
     longest first: the classes of this module and those other modules derive from them."""

@@ -11,7 +11,7 @@
     model.onnx       only after `python -m paddlerec.export FOLDER --onnx` (optional extra)
 
 Written into a hidden temporary folder and renamed into place when complete (see
-checkpoint.atomic_folder); a folder without io.json is never picked up. A reader checks every
+files.atomic_folder); a folder without io.json is never picked up. A reader checks every
 file against io.json's sizes and digests, so a damaged or incomplete copy is refused with one
 line instead of serving garbage.
 
@@ -34,7 +34,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, PluginError, UserError
+from .files import atomic_folder, file_digest, save_error
+from .vocab import read_vocab
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def describe_io(n_items, hidden_size, topk):
                      "next_hidden of its previous click"),
         dict(name="exclude_ids", dtype="int64", shape=[-1, -1],
              meaning=f"model ids never to return, per row (e.g. the session's clicks so far); pad with "
-                     f"{n_items} (n_items); the width may be 0"),
+                     f"{n_items} (n_items); at least one column (all padding: exclude nothing)"),
     ]
     outputs = [
         dict(name="topk_ids", dtype="int64", shape=[-1, topk],
@@ -88,9 +90,6 @@ def write_export(root, epoch, model, topk, labels, training=None, data=None):
     recorded as io.json's "training". data: the training data's contract.DataInfo; its
     fingerprint (events per item, vocab) is recorded as io.json's "data".
     """
-    # checkpoint holds the atomic folder writer until the file-utilities module exists
-    from .checkpoint import atomic_folder
-
     def fill(tmp):
         prefix = os.path.join(tmp, "model")
         io = _save_program(model, prefix, topk)
@@ -115,50 +114,21 @@ def write_export(root, epoch, model, topk, labels, training=None, data=None):
             paddle_version=paddle.__version__, written_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
             files={name: file_digest(os.path.join(tmp, name)) for name in files})
         write_json(os.path.join(tmp, IO), description)
-    return atomic_folder(root, str(epoch), fill)
+    try:
+        return atomic_folder(root, str(epoch), fill)
+    except OSError as exc:
+        raise save_error(os.path.join(root, str(epoch)), exc, ". Earlier inference models are untouched.") from None
 
 
 def _save_program(model, path_prefix, topk):
-    """model.export with the exclude_ids input; returns its description (n_items, hidden_size, topk, ...)."""
-    module = sys.modules.get(type(model).__module__)
-    if "exclude_ids" in getattr(module, "INFERENCE_INPUTS", ()):
-        return model.export(path_prefix, topk)
-    return _export_with_exclusion(model, module, path_prefix, topk)
-
-
-def _export_with_exclusion(model, module, path_prefix, topk):
-    """The model file's InferenceStep plus the exclude_ids input, until model.py has it itself.
-
-    Same step, same top-K; excluded items' scores become -inf before the top-K. Delete this once
-    the model file's INFERENCE_INPUTS lists exclude_ids.
-    """
-    import paddle
-
-    class ExcludingStep(module.InferenceStep):
-        def forward(self, item_ids, hidden, exclude_ids):
-            sizes = self.network.layers
-            hidden_list = paddle.split(hidden, sizes, axis=1) if len(sizes) > 1 else [hidden]
-            x, new_hidden = self.network.step(item_ids, hidden_list)
-            scores = self.network.all_scores(x) + self.network.score_mask()  # [n, n_items]
-            # a spare last column takes the padding id n_items, so rows may exclude different counts
-            padded = paddle.concat([scores, paddle.zeros_like(scores[:, :1])], axis=1)  # [n, n_items + 1]
-            # the value is a tensor: a scalar would be expanded to exclude_ids' shape, unknown when saving
-            minus_inf = paddle.zeros_like(exclude_ids, dtype=scores.dtype) - float("inf")  # [n, m]
-            padded = paddle.put_along_axis(padded, exclude_ids, minus_inf, axis=1, broadcast=False)
-            topk_scores, topk_ids = paddle.topk(padded[:, :-1], self.topk, axis=1)
-            next_hidden = paddle.concat(new_hidden, axis=1) if len(sizes) > 1 else new_hidden[0]
-            return topk_ids, topk_scores, next_hidden
-
-    network = model.network
-    step = ExcludingStep(network, topk)
-    width = sum(network.layers)
-    specs = [paddle.static.InputSpec([None], "int64", "item_ids"),
-             paddle.static.InputSpec([None, width], "float32", "hidden"),
-             paddle.static.InputSpec([None, None], "int64", "exclude_ids")]
-    paddle.jit.save(paddle.jit.to_static(step, input_spec=specs, full_graph=True), path_prefix, input_spec=specs)
-    unseen = np.flatnonzero(network.item_support.numpy() == 0)
-    return {"n_items": network.n_items, "hidden_size": width, "topk": step.topk, "layers": list(network.layers),
-            "unseen_items": [int(i) for i in unseen]}
+    """The model's export (contract: Model.export) with the INPUTS interface; returns what
+    io.json needs to know of the network (n_items, hidden_size, topk, layers, unseen_items)."""
+    description = model.export(path_prefix, topk)
+    if tuple(description.get("inputs", ())) != INPUTS:
+        module = sys.modules.get(type(model).__module__)
+        raise PluginError(f"{getattr(module, '__file__', type(model).__module__)}: Model.export must write a step "
+                          f"taking {list(INPUTS)}; it wrote one taking {description.get('inputs')}")
+    return description
 
 
 def _name_outputs(program_path, names):
@@ -230,16 +200,6 @@ def data_fingerprint(data):
         digest.update("\n".join(data.labels).encode("utf-8"))
     description["sha256"] = digest.hexdigest()
     return description
-
-
-def file_digest(path):
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def write_json(path, value):
@@ -316,7 +276,7 @@ def read_export(folder):
     verify_files(folder, files, required=REQUIRED_FILES + ((vocab,) if vocab else ()))
     labels = None
     if vocab:
-        labels = read_vocab(os.path.join(folder, vocab))
+        labels = read_vocab(os.path.join(folder, vocab), CheckpointError, "export the model again")
         if len(labels) != n_items:
             raise CheckpointError(f"{os.path.join(folder, vocab)}: {len(labels)} items, but the model has "
                                   f"{n_items}; the export is damaged")
@@ -349,17 +309,6 @@ def verify_files(folder, files, required=()):
                                   f"again, or export the model again)")
 
 
-def read_vocab(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            labels = [line.rstrip("\r\n") for line in f]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable vocab ({exc}); export the model again") from None
-    if len(set(labels)) != len(labels) or any(not label for label in labels):
-        raise CheckpointError(f"{path}: the vocab has empty or repeated lines; export the model again")
-    return labels
-
-
 # ---- ONNX (optional: requirements-onnx.txt) ----------------------------------------------------
 
 ONNX_OPSET = 17
@@ -384,19 +333,20 @@ def write_onnx(export: ExportInfo, opset=ONNX_OPSET):
     if not model_bytes:  # the converter logs its error and returns nothing
         raise CheckpointError(f"{export.path(PROGRAM)}: paddle2onnx {paddle2onnx.__version__} could not convert "
                               f"the step (its log above says why)")
+    from .files import atomic_file
+
     target = export.path(ONNX)
-    tmp = os.path.join(export.folder, f".tmp-{ONNX}-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(target, mode="wb") as f:
         f.write(model_bytes)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, target)
     io = dict(export.io)
     io["files"] = dict(io["files"], **{ONNX: file_digest(target)})
     io["onnx"] = {"file": ONNX, "opset": opset, "converter": f"paddle2onnx {paddle2onnx.__version__}"}
-    tmp = os.path.join(export.folder, f".tmp-{IO}-{os.getpid()}")
-    write_json(tmp, io)
-    os.replace(tmp, os.path.join(export.folder, IO))
+    with atomic_file(os.path.join(export.folder, IO)) as f:
+        json.dump(io, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
     export.io = io
     return target
 

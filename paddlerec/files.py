@@ -2,9 +2,12 @@
 
 Everything is written under a hidden temporary name next to its target (a name starting with
 '.', which the readers skip: see rsc15_reader.list_data_files and checkpoint.list_checkpoints)
-and renamed over the target only once complete. The temporary is removed whatever happens —
-an exception in the caller's code, a full disk, or close() itself failing (a full disk often
-shows only there) — so a failed write leaves neither a half file nor a stray temporary.
+and renamed over the target only once complete and synced. The temporary is removed whatever
+happens — an exception in the caller's code, a full disk, or close()/fsync() itself failing
+(a full disk often shows only there) — so a failed write leaves neither a half file nor a
+stray temporary. A process killed outright (SIGKILL, power loss) cannot clean up: its
+temporaries carry its pid, and the next write next to them removes those whose process is
+gone (`remove_stale_temporaries`).
 
 Only the standard library: the data/ scripts use this module and must start fast.
 """
@@ -24,6 +27,20 @@ log = logging.getLogger(__name__)
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
+# `.<stem>.tmp-<pid><ext>` (a file; also the unhidden `<name>.tmp-<pid>[<ext>]` earlier versions
+# wrote) and `.tmp-<name>-<pid>` (a folder): the pid tells a live writer's temporary from one a
+# killed process left
+_TEMP_FILE = re.compile(r"^.+\.tmp-(\d+)(\.[A-Za-z0-9]+)?$")
+_TEMP_FOLDER = re.compile(r"^\.tmp-.+-(\d+)$")
+# what the data scripts wrote before they used this module: `train.txt.tmp1234`
+_LEGACY_TEMP_FILE = re.compile(r"^.+\.tmp(\d+)$")
+
+
+def looks_temporary(name):
+    """True for a file name a writer uses while the file is incomplete, whether or not the writer
+    still runs (a reader must never load one: rsc15_reader skips them)."""
+    return bool(_TEMP_FILE.match(name) or _LEGACY_TEMP_FILE.match(name))
+
 
 def temporary_name(path):
     """The hidden sibling `path` is written as: `dir/.<stem>.tmp-<pid><ext>` (the extension is
@@ -33,52 +50,37 @@ def temporary_name(path):
     return os.path.join(folder, f".{stem}.tmp-{os.getpid()}{ext}")
 
 
-# what temporary_name makes (and its unhidden form `curves.png.tmp-1234.png` of earlier versions),
-# and what the data scripts wrote before they used this module (`train.txt.tmp1234`): either way
-# the pid of the writer is in the name
-_TEMPORARY = re.compile(r"^\.?(?P<stem>.*)\.tmp-(?P<pid>\d+)(?P<ext>\.[^.]*)?$")
-_LEGACY_TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
-
-
-def _alive(pid):
+def _process_is_gone(pid):
     if pid == os.getpid():
-        return True
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process: alive
         return True
-    return True
-
-
-def stale_temporary(name):
-    """True when `name` is a temporary (this module's or a legacy one) whose writer is gone."""
-    match = _TEMPORARY.match(name) or _LEGACY_TEMPORARY.match(name)
-    return bool(match) and not _alive(int(match.group("pid")))
-
-
-def looks_temporary(name):
-    """True for a name a writer uses while a file is incomplete (whether or not the writer still runs)."""
-    return bool(_TEMPORARY.match(name) or _LEGACY_TEMPORARY.match(name))
+    except OSError:  # alive, owned by someone else
+        return False
+    return False
 
 
 def remove_stale_temporaries(folder):
-    """Delete the temporary files that killed writers left in `folder` (a kill skips every cleanup);
-    those of running writers are left alone. Returns the names removed."""
-    removed = []
+    """Remove the temporary files and folders that killed processes left in `folder` (those of a
+    process still running are its business). Returns the names removed."""
     try:
         names = os.listdir(folder)
     except OSError:
-        return removed
+        return []
+    removed = []
     for name in names:
+        match = _TEMP_FILE.match(name) or _LEGACY_TEMP_FILE.match(name) or _TEMP_FOLDER.match(name)
+        if not match or not _process_is_gone(int(match.group(1))):
+            continue
         path = os.path.join(folder, name)
-        if stale_temporary(name) and os.path.isfile(path) and not os.path.islink(path):
+        log.info("removing %s, left by an interrupted write", path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             _remove(path)
-            removed.append(name)
-    if removed:
-        log.info("removed %d temporary file(s) left in %s by an interrupted run: %s", len(removed), folder,
-                 ", ".join(sorted(removed)))
+        removed.append(name)
     return removed
 
 
@@ -94,14 +96,16 @@ def _remove(path):
 @contextmanager
 def atomic_paths(*paths):
     """Yield one temporary path per target; when the block ends without an exception each is
-    renamed over its target (in order), else nothing is. The temporaries never outlive the block."""
+    synced and renamed over its target (in order), else nothing is. The temporaries never
+    outlive the block."""
     temps = [temporary_name(path) for path in paths]
     try:
-        for path in paths:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         for folder in sorted({os.path.dirname(path) or "." for path in paths}):
+            os.makedirs(folder, exist_ok=True)
             remove_stale_temporaries(folder)
         yield temps
+        for temp in temps:
+            _fsync_file(temp)
         for temp, path in zip(temps, paths):
             os.replace(temp, path)
     finally:
@@ -144,7 +148,13 @@ def file_digest(path):
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path):
+    """Make a rename in `path` durable; file systems that cannot sync a folder are left as they are."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -162,19 +172,19 @@ def atomic_folder(root, name, fill):
     it into place; an existing `<root>/<name>/` is replaced. Returns the final path; raises OSError.
 
     The temporary folder is `<root>/.tmp-<name>-<pid>`; a process killed while replacing leaves
-    `<root>/.old-<name>-<pid>`. Neither is ever read as a `<name>` folder; the next save of the
-    same name removes what an interrupted one left."""
+    `<root>/.old-<name>-<pid>`. Neither is ever read as a `<name>` folder; the next save next
+    to them removes the temporaries of processes that are gone, and the `.old-<name>-` copies
+    once `<name>` is in place again."""
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
     try:
-        _remove_leftovers(root, name, "tmp")
+        remove_stale_temporaries(root)
         os.makedirs(tmp)
         fill(tmp)
         for entry in os.listdir(tmp):
             path = os.path.join(tmp, entry)
             if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+                _fsync_file(path)
         final = os.path.join(root, name)
         old = None
         if os.path.exists(final):
@@ -184,15 +194,15 @@ def atomic_folder(root, name, fill):
         _fsync_dir(root)
         if old:
             shutil.rmtree(old, ignore_errors=True)
-        _remove_leftovers(root, name, "old")
+        _remove_old_copies(root, name)
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already renamed away unless something failed
 
 
-def _remove_leftovers(root, name, kind):
+def _remove_old_copies(root, name):
     for entry in os.listdir(root):
-        if entry.startswith(f".{kind}-{name}-"):
+        if entry.startswith(f".old-{name}-"):
             log.info("removing %s, left by an interrupted save", os.path.join(root, entry))
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 

@@ -119,16 +119,16 @@ class EpochResult:
 
 def train_epoch(model, batches, batch_size, epoch, print_interval, show_progress, total_events=None) -> EpochResult:
     """The one train loop: feed every batch to the model, log, stop on a non-finite loss."""
-    model.begin_epoch(epoch, True, batch_size)
+    model.begin_epoch(epoch, True)
     events = 0
     steps = 0
-    loss_sum = 0.0  # sum over mini-batches of loss * batch_size = sum of per-event losses
+    loss_sum = 0.0  # sum of per-event losses
     started = time.perf_counter()
     bar = progress_bar(show_progress, total=total_events, desc=f"epoch {epoch}", unit="ev")
     with bar:
         for batch in batches:
-            # one loss per mini-batch the batch holds: float [batch.n_steps]
-            losses = np.asarray(model.train_step(batch), dtype=np.float64)
+            # summed row losses per mini-batch the batch holds: float [batch.n_steps]
+            losses = np.asarray(model.train_step(batch, batch_size), dtype=np.float64)
             step_events = np.asarray(batch.step_events, dtype=np.int64)  # int64 [batch.n_steps]
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
@@ -140,7 +140,7 @@ def train_epoch(model, batches, batch_size, epoch, print_interval, show_progress
             for i in range(len(losses)):
                 steps += 1
                 events += int(step_events[i])
-                loss_sum += float(losses[i]) * batch_size
+                loss_sum += float(losses[i])
                 if steps % print_interval == 0:
                     elapsed = time.perf_counter() - started
                     log.info("epoch %d batch %d: loss %.5f, events %d, %.0f events/s", epoch, steps,
@@ -156,7 +156,7 @@ def train_epoch(model, batches, batch_size, epoch, print_interval, show_progress
 def evaluate(model, reader, batch_size, cutoffs, tie_mode, topk, show_progress=False, on_output=None):
     """The one evaluation loop: ranks of every target against all items, and (when on_output
     wants them) each query's top-K."""
-    model.begin_epoch(0, False, batch_size)
+    model.begin_epoch(0, False)
     metrics = RankMetrics(cutoffs)
     bar = progress_bar(show_progress, desc="evaluate", unit="targets")
     with bar:

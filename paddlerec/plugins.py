@@ -11,12 +11,7 @@ import os
 import sys
 import traceback
 
-from .errors import UserError
-
-
-class PluginError(UserError):
-    exit_code = 2
-    prefix = "error"
+from .errors import PluginError, UserError
 
 
 _cache = {}

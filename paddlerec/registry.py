@@ -4,12 +4,14 @@ A RunnerClass holds
     params   the keys a runner of the class takes (checked by paddlerec/config.py, listed in README)
     run      "module:function", function(ctx: RunContext, runner_name) -> None or StopMode
     check    optional "module:function", function(ctx, runner_name), run by paddlerec.mode.prepare
-             for every runner in `mode` before any of them starts; raises a UserError
+             for every runner in `mode` before any of them starts (and before any data is
+             read); raises a UserError
     trains   trains exactly one phase from the config's hyper_parameters (an infer runner reads
              them from each checkpoint instead; a class without a `phases` key reads no phase)
-Functions are named, not imported: they are looked up (importlib) only when a run needs them, so
-config validation, which needs this table, imports no runner code. A new runner class is one
-entry here plus its run function.
+Functions are named, not imported: paddlerec/mode.py looks them up (importlib) only when a run
+needs them, so config validation, which needs this table, imports no runner code, and no runner
+module imports the module that calls it. A new runner class is one entry here plus its run
+function (which trains and evaluates through paddlerec/loops.py).
 """
 
 import importlib
@@ -56,18 +58,25 @@ SERVE_PARAMS = (
     Param("class", "str", help="what the runner does"),
     Param("device", "str", "cpu", choices=("cpu", "gpu"), help="where to compute; gpu needs the CUDA build of paddlepaddle"),
     Param("init_model_path", "path",
-          help="an inference model folder (save_inference_path/<epoch>), or its parent (the newest epoch is served)"),
+          help="an inference model folder (save_inference_path/<epoch>), or its parent (the newest epoch is served, "
+               "and SIGHUP or POST /reload loads a newer one)"),
+    Param("host", "str", "127.0.0.1",
+          help="address to listen on; 0.0.0.0 (or ::) for every interface, e.g. in a container; `--host` overrides it"),
     Param("port", "int", 8866, min=0, max=65535,
-          help="HTTP port on 127.0.0.1; 0: any free port (printed at start); `--port` overrides it"),
+          help="HTTP port; 0: any free port (printed at start); `--port` overrides it"),
     Param("topk", "int", 20, min=1, help="items returned per click (at most the exported model's topk)"),
+    Param("exclude_seen", "bool", False,
+          help="never recommend items the session already clicked; a request's `exclude_seen` overrides it"),
     Param("max_sessions", "int", 100000, min=1, help="live sessions kept; the least recently clicked one is evicted"),
+    Param("session_ttl_s", "float", 1800.0, min=0.0,
+          help="a session not clicked for this many seconds is dropped; 0: kept until evicted or ended"),
     Param("max_state_mb", "float", 256.0, gt=0.0,
           help="memory for the kept hidden states (sum(layers) floats each); caps max_sessions"),
     Param("max_batch", "int", 1024, min=1, help="clicks one /batch request may hold"),
     Param("threads", "int", 1, min=1, max=256, help="CPU threads of the predictor"),
 )
 
-# Distributed training (paddlerec/distributed.py): the train keys plus how to run the workers.
+# Distributed training (paddlerec/launch.py, paddlerec/worker.py): the train keys plus how to run the workers.
 DISTRIBUTED_PARAMS = (
     Param("distribute_strategy", "str", "collective", choices=("collective", "async", "sync", "half_async", "geo"),
           help="collective: the workers all-reduce their gradients every mini-batch (gloo on CPU, NCCL on GPU); "
@@ -123,13 +132,13 @@ def resolve(reference: str) -> Callable:
     return getattr(importlib.import_module(module_name), name)
 
 
-# In README's order. The distributed classes' functions move to paddlerec/launch.py with it.
+# In README's order.
 RUNNER_CLASSES: Dict[str, RunnerClass] = {c.name: c for c in (
     RunnerClass("train", TRAIN_PARAMS, "paddlerec.runners:run_train", trains=True),
     RunnerClass("infer", INFER_PARAMS, "paddlerec.runners:run_infer"),
-    RunnerClass("local_cluster_train", LOCAL_CLUSTER_TRAIN_PARAMS, "paddlerec.distributed:run_local_cluster_train",
-                check="paddlerec.distributed:check_local_cluster_train", trains=True),
-    RunnerClass("cluster_train", CLUSTER_TRAIN_PARAMS, "paddlerec.distributed:run_cluster_train",
-                check="paddlerec.distributed:check_cluster_train", trains=True),
+    RunnerClass("local_cluster_train", LOCAL_CLUSTER_TRAIN_PARAMS, "paddlerec.launch:run_local_cluster_train",
+                check="paddlerec.launch:check_local_cluster_train", trains=True),
+    RunnerClass("cluster_train", CLUSTER_TRAIN_PARAMS, "paddlerec.launch:run_cluster_train",
+                check="paddlerec.launch:check_cluster_train", trains=True),
     RunnerClass("serve", SERVE_PARAMS, "paddlerec.runners:run_serve"),
 )}

@@ -7,12 +7,12 @@ Exit codes: 0 done; 2 invalid config or input (one line on stderr, no traceback)
 import argparse
 import contextlib
 import io
-import logging
 import os
 import sys
 import warnings
 
-from .config import load_config, used_phases
+from . import logs
+from .config import cpu_threads, load_config, used_phases
 from .errors import UserError
 from .termination import Terminated, newest_checkpoints, sigterm_raises
 
@@ -32,13 +32,12 @@ def parse_args(argv):
 
 
 def configure_logging(quiet):
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logs.configure(quiet)
 
 
 def set_threads(config):
     """Paddle reads OMP_NUM_THREADS once, when it is imported; it must be set before that."""
-    threads = max([config.phases[p]["thread_num"] for p in used_phases(config)] or [1])
+    threads = max([cpu_threads(config.phases[p]["thread_num"]) for p in used_phases(config)] or [1])
     os.environ["OMP_NUM_THREADS"] = str(threads)
     # numpy's own BLAS threads would only spin beside Paddle's: numpy does no heavy algebra here
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -69,7 +68,8 @@ def main(argv=None):
         set_threads(config)
         warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
         import_paddle_quietly()
-        from .runners import RunContext, run
+        from .loops import RunContext
+        from .mode import run
 
         with sigterm_raises():  # after Paddle's import, which installs its own handler
             run(RunContext(config, show_progress=not args.no_progress))

@@ -20,7 +20,8 @@ def read_vocab(path: str, error: Callable[[str], UserError] = DataError,
         return error(f"{where}: {problem}; {advice}")
 
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors add is not a label
+        # utf-8-sig: a byte-order mark some editors write is not part of the first label
+        with open(path, encoding="utf-8-sig") as f:
             labels = [line.rstrip("\r\n") for line in f]
     except OSError as exc:
         raise fail(f"cannot read the vocab: {exc.strerror or exc}") from None

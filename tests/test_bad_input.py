@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from paddlerec.run import main
-from tests.spine_fixtures import (N_ITEMS, PYTHON, REPO, assert_one_clean_error, checkpoint_epochs, error_lines,
-                                  labels, leftovers, make_workspace, run_cli, write_sessions)
+from tests.helpers import (N_ITEMS, PYTHON, REPO, assert_one_clean_error, checkpoint_epochs, error_lines,
+                                  labels, leftovers, make_workspace, run_paddlerec, write_sessions)
 
 
 class InProcess:
@@ -115,7 +115,7 @@ def test_config_mistake(ws, case):
     args = ["-m", path]
     for text in overrides:
         args += ["-o", text]
-    assert_one_clean_error(run_cli(args), 2, *fragments)
+    assert_one_clean_error(run_paddlerec(args), 2, *fragments)
     outputs_absent(folder)
 
 
@@ -127,13 +127,13 @@ def test_yaml_syntax_error(ws):
     lines[3] = "\t" + lines[3].lstrip()  # indented with a tab on line 4, as editors sometimes do
     broken = folder / "broken.yaml"
     broken.write_text("\n".join(lines) + "\n")
-    line = assert_one_clean_error(run_cli(["-m", str(broken)]), 2, "config error:", "YAML syntax error", "fix the file")
+    line = assert_one_clean_error(run_paddlerec(["-m", str(broken)]), 2, "config error:", "YAML syntax error", "fix the file")
     assert f"{broken}:4" in line
     outputs_absent(folder)
 
 
 def test_missing_config_file(tmp_path):
-    assert_one_clean_error(run_cli(["-m", str(tmp_path / "config.yml")]), 2, "config error: -m: no such config file")
+    assert_one_clean_error(run_paddlerec(["-m", str(tmp_path / "config.yml")]), 2, "config error: -m: no such config file")
 
 
 # ---- data mistakes ---------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def _corrupt_line(folder, line_number, text):
 def test_session_line_with_a_token_that_is_not_an_item_id(ws, capsys, token):
     folder, path = ws
     bad = _corrupt_line(folder, 3, f"5 {token} 9")
-    proc = run_cli(["-m", path]) if token == "x7" else InProcess(capsys, ["-m", path])
+    proc = run_paddlerec(["-m", path]) if token == "x7" else InProcess(capsys, ["-m", path])
     assert_one_clean_error(proc, 2, f"data error: {bad}:3: '{token}' is not an item id", "non-negative integers")
     outputs_absent(folder)
 
@@ -162,7 +162,7 @@ def test_session_line_with_a_token_that_is_not_an_item_id(ws, capsys, token):
 def test_item_id_outside_the_vocab(ws):
     folder, path = ws
     bad = _corrupt_line(folder, 4, f"1 2 {N_ITEMS}")
-    assert_one_clean_error(run_cli(["-m", path]), 2,
+    assert_one_clean_error(run_paddlerec(["-m", path]), 2,
                            f"data error: {bad}:4: item id {N_ITEMS} is outside the vocab ({N_ITEMS} items",
                            "another vocab.txt")
     outputs_absent(folder)
@@ -172,7 +172,7 @@ def test_original_item_ids_without_a_vocab(tmp_path):
     """RSC15's own ids fed as model ids would ask for a 214-million-row model: refused with a pointer."""
     path = make_workspace(tmp_path, vocab=False)
     bad = _corrupt_line(tmp_path, 6, "214536502 214536500 214577561")
-    assert_one_clean_error(run_cli(["-m", path]), 2, f"data error: {bad}:6: item id 214577561",
+    assert_one_clean_error(run_paddlerec(["-m", path]), 2, f"data error: {bad}:6: item id 214577561",
                            "look like original item ids", "text2paddle.py", "vocab_path")
     outputs_absent(tmp_path)
 
@@ -187,7 +187,7 @@ def test_data_folder_without_data_files(ws, capsys, content):
         (train / ".sessions.txt.swp").write_text("1 2 3\n")
         (train / "old").mkdir()
         (train / "old" / "sessions.txt").write_text("1 2 3\n")
-    proc = run_cli(["-m", path]) if content == "empty folder" else InProcess(capsys, ["-m", path])
+    proc = run_paddlerec(["-m", path]) if content == "empty folder" else InProcess(capsys, ["-m", path])
     assert_one_clean_error(proc, 2, f"data error: {train}: the folder holds no data files", "put session files in it")
     outputs_absent(folder)
 
@@ -221,10 +221,10 @@ def test_unreadable_data(ws):
             readable = False
         if readable:
             pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod 000 does not stop reads here")
-        assert_one_clean_error(run_cli(["-m", path]), 2, f"data error: {data_file}: cannot read: Permission denied")
+        assert_one_clean_error(run_paddlerec(["-m", path]), 2, f"data error: {data_file}: cannot read: Permission denied")
         os.chmod(data_file, 0o644)
         os.chmod(data_file.parent, 0)
-        assert_one_clean_error(run_cli(["-m", path]), 2, f"data error: {data_file.parent}: cannot read the folder")
+        assert_one_clean_error(run_paddlerec(["-m", path]), 2, f"data error: {data_file.parent}: cannot read the folder")
     finally:
         os.chmod(data_file.parent, 0o755)
         os.chmod(data_file, 0o644)
@@ -275,7 +275,7 @@ def test_messy_but_valid_data_trains(tmp_path):
     expected_events = sum(len(s) - 1 for s in sessions if len(s) >= 2)
     n_single = sum(1 for s in sessions if len(s) == 1)
 
-    proc = run_cli(["-m", str(tmp_path / "config.yaml"), "-o", "runner.train.epochs=1"])
+    proc = run_paddlerec(["-m", str(tmp_path / "config.yaml"), "-o", "runner.train.epochs=1"])
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"{train}: skipped 3 hidden file(s) or sub-folder(s): .DS_Store, .b.txt.swp, backup" in proc.stderr
@@ -290,7 +290,7 @@ def test_model_file_that_raises_on_import(ws):
     folder, path = ws
     bad = folder / "my_model.py"
     bad.write_text("import os\n\nSIZE = int(os.environ.get('NO_SUCH_SETTING', 'many'))\n")
-    assert_one_clean_error(run_cli(["-m", path, "-o", f"phase.phase_train.model={bad}"]), 2,
+    assert_one_clean_error(run_paddlerec(["-m", path, "-o", f"phase.phase_train.model={bad}"]), 2,
                            "error: phase.phase_train.model: the model file failed to load at",
                            f"{bad}:3", "ValueError: invalid literal for int()")
     outputs_absent(folder)
@@ -326,7 +326,7 @@ def test_reader_file_that_raises(ws, capsys):
 
 def test_init_model_path_pointing_at_nothing(ws):
     folder, path = ws
-    assert_one_clean_error(run_cli(["-m", path, "-o", "mode=resume",
+    assert_one_clean_error(run_paddlerec(["-m", path, "-o", "mode=resume",
                                     "-o", "runner.resume.init_model_path={workspace}/chekpoints"]), 2,
                            "checkpoint error: runner.resume.init_model_path:", "chekpoints does not exist",
                            "train first")
@@ -350,7 +350,7 @@ def test_checkpoint_of_another_vocab_size(trained, tmp_path):
     bigger = labels(N_ITEMS + 10)
     (tmp_path / "vocab.txt").write_text("\n".join(bigger) + "\n")
     ckpt = copy_checkpoints(trained, tmp_path)
-    assert_one_clean_error(run_cli(["-m", str(tmp_path), "-o", "mode=resume"]), 2,
+    assert_one_clean_error(run_paddlerec(["-m", str(tmp_path), "-o", "mode=resume"]), 2,
                            f"checkpoint error: {ckpt / '2'} was trained with another model shape",
                            f"n_items: checkpoint {N_ITEMS}, this config {N_ITEMS + 10}")
     assert checkpoint_epochs(ckpt) == [1, 2] and not leftovers(ckpt)
@@ -385,8 +385,6 @@ def run_accuracy(args, cwd):
 
 
 def test_accuracy_bench_bad_input(tmp_path):
-    if not os.path.isfile(os.path.join(REPO, "bench", "accuracy.py")):
-        pytest.skip("bench/accuracy.py is not written yet")
     good = tmp_path / "train.tsv"
     good.write_text("SessionId\tItemId\tTime\n1\t10\t1396300000\n1\t11\t1396300010\n")
     headless = tmp_path / "test.tsv"
@@ -493,6 +491,7 @@ def _can_mount_tmpfs(folder):
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_really_full_disk(tmp_path):
     """Real small file systems (private tmpfs mounts; need mount rights, else skipped) for the
     checkpoints and for the inference models: training runs until one is full. Every
@@ -550,7 +549,9 @@ def _assert_exports_match_checkpoints(ckpt, inference, epochs):
         config.disable_glog_info()
         predictor = paddle_inference.create_predictor(config)
         hidden = np.zeros((N_ITEMS, io["hidden_size"]), np.float32)
-        for name, value in zip(io["inputs"], (items, hidden)):
+        nothing_excluded = np.full((N_ITEMS, 1), io["n_items"], np.int64)  # the padding id
+        for spec, value in zip(io["inputs"], (items, hidden, nothing_excluded)):  # as paddlerec/export.py lists them
+            name = spec["name"]
             predictor.get_input_handle(name).reshape(list(value.shape))
             predictor.get_input_handle(name).copy_from_cpu(value)
         predictor.run()

@@ -11,10 +11,10 @@ import os
 import pytest
 
 from paddlerec import docs
-from paddlerec.config import DATASET_PARAMS, PHASE_PARAMS, RUNNER_CLASSES, TOP_LEVEL_KEYS, load_config
+from paddlerec.config import load_config
 from paddlerec.errors import ConfigError
 from paddlerec.run import main
-from tests.spine_fixtures import REPO, base_config, entry, make_workspace, run_cli, write_config
+from tests.helpers import REPO, base_config, entry, make_workspace, run_paddlerec, write_config
 
 README = os.path.join(REPO, "README.md")
 
@@ -322,7 +322,7 @@ def test_gpu_device_on_a_build_without_cuda(workspace):
         pytest.skip("this paddlepaddle has CUDA: device gpu is valid here")
     folder, path = workspace
     # end to end, as a user meets it (the check needs Paddle, so it runs after the import)
-    proc = run_cli(["-m", path, "-o", "runner.train.device=gpu"])
+    proc = run_paddlerec(["-m", path, "-o", "runner.train.device=gpu"])
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = _stderr_error_lines(proc.stderr)
@@ -344,22 +344,12 @@ def test_gpu_runner_later_in_mode_stops_before_any_training(workspace, capsys):
 
 # ---- README's config reference ---------------------------------------------------------------
 
-def test_reference_lists_every_declared_key():
-    text = docs.config_reference_markdown()
-    import model
+def test_a_bar_in_a_help_text_does_not_split_its_row():
+    from paddlerec.params import Param, reference_table
 
-    sections = [DATASET_PARAMS, PHASE_PARAMS, model.HYPER_PARAMETERS] + list(RUNNER_CLASSES.values())
-    for params in sections:
-        for param in params:
-            assert f"| `{param.name}` |" in text, param.name
-    for key in TOP_LEVEL_KEYS:
-        assert f"| `{key}` |" in text
-    for cls in RUNNER_CLASSES:
-        assert f"class: {cls}`" in text
-    # every table row has exactly its four cells: a bare "|" in a cell would break the table
-    for line in text.splitlines():
-        if line.startswith("| `"):
-            assert line.replace("\\|", "").count("|") == 5, line
+    row = reference_table([Param("device", "str", "cpu", help="cpu | gpu")]).splitlines()[2]
+    assert row.replace("\\|", "").count("|") == 5, row  # four cells
+    assert "cpu \\| gpu" in row
 
 
 def test_reference_refuses_an_undescribed_top_level_key(monkeypatch):
@@ -394,3 +384,10 @@ def test_readme_config_reference_matches_the_declarations():
     expected = docs.config_reference_markdown()
     assert section == expected, ("README.md's config reference differs from the declarations; "
                                  "run `python -m paddlerec.docs --update README.md`")
+
+
+def test_thread_num_zero_means_every_core_this_process_may_use():
+    from paddlerec.config import cpu_threads
+
+    assert cpu_threads(3) == 3
+    assert cpu_threads(0) == len(os.sched_getaffinity(0))

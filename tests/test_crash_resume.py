@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from paddlerec.run import main
-from tests.spine_fixtures import (PYTHON, REPO, assert_one_clean_error, checkpoint_epochs, leftovers,
-                                  make_workspace, run_cli)
+from tests.helpers import (PYTHON, REPO, assert_one_clean_error, checkpoint_epochs, leftovers,
+                                  make_workspace, run_paddlerec)
 from tests.test_bad_input import load_every_checkpoint
 
 # long enough epochs to be killed inside one: 600 sessions, about 270 mini-batches of 8
@@ -77,7 +77,7 @@ def resume_and_check(folder, extra_epochs=2):
     ckpt = folder / "ckpt"
     before = checkpoint_epochs(ckpt)
     assert before, "the killed run should have finished at least one checkpoint"
-    proc = run_cli(["-m", str(folder), "-o", "mode=resume", "-o", f"runner.resume.epochs={extra_epochs}"])
+    proc = run_paddlerec(["-m", str(folder), "-o", "mode=resume", "-o", f"runner.resume.epochs={extra_epochs}"])
     assert proc.returncode == 0, proc.stderr
     newest = before[-1]
     assert f"continuing from {ckpt / str(newest)} (epoch {newest})" in proc.stderr
@@ -90,6 +90,7 @@ def resume_and_check(folder, extra_epochs=2):
     return after
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_an_epoch(tmp_path):
     make_workspace(tmp_path, n_train=LONG)
     proc, lines = start(["-m", str(tmp_path), "-o", "runner.train.epochs=50", "-o", "runner.train.print_interval=64"],
@@ -125,6 +126,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_save(tmp_path):
     make_workspace(tmp_path)
     driver = tmp_path / "slow_save.py"
@@ -147,6 +149,7 @@ def test_sigkill_in_the_middle_of_a_save(tmp_path):
     assert resume_and_check(tmp_path) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment(tmp_path, test_seed):
     """Killed at a moment drawn at random once checkpoints are being written: whatever it hit
     (training, paddle.save, meta.json, the rename, the curves), what is left is usable.
@@ -190,7 +193,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(trained, tmp_path
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained / "ckpt", ckpt)
     before = _digest(ckpt)
-    proc = run_cli(["-m", str(tmp_path), "-o", "mode=resume", "-o", f"hyper_parameters.kernel={kernel}",
+    proc = run_paddlerec(["-m", str(tmp_path), "-o", "mode=resume", "-o", f"hyper_parameters.kernel={kernel}",
                     "-o", "hyper_parameters.optimizer.learning_rate=1e38"])
     if kernel == "fused" and "config error: hyper_parameters.kernel: fused, but" in proc.stderr:
         pytest.skip("the fused kernel is not available here")

@@ -185,6 +185,7 @@ def sample_run(tmp_path_factory):
     return root, args, output
 
 
+@pytest.mark.slow
 def test_train_run_writes_curves_with_eval_metrics(sample_run):
     root, _, _ = sample_run
     table = read_csv(root / "ck" / "curves.csv")
@@ -198,6 +199,7 @@ def test_train_run_writes_curves_with_eval_metrics(sample_run):
     assert width > 2 * height  # loss, Recall@K and MRR@K side by side
 
 
+@pytest.mark.slow
 def test_progress_bars_on_a_terminal_and_log_lines_stay(sample_run):
     _, _, output = sample_run
     assert re.search(r"epoch 1: +\d+%\|.*\| *\d+/\d+ \[", output)  # the training bar, with its total
@@ -206,6 +208,7 @@ def test_progress_bars_on_a_terminal_and_log_lines_stay(sample_run):
     assert "epoch 2 done" in output and "epoch 2 eval on phase_train" in output  # the log lines
 
 
+@pytest.mark.slow
 def test_no_progress_flag_and_a_continued_run_extends_the_curves(sample_run):
     root, _, _ = sample_run
     args = ["-m", "paddlerec.run", "-m", CONFIG, "--no-progress", "-o", "mode=[incremental_train_runner]",

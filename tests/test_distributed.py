@@ -1,4 +1,4 @@
-"""Distributed training (paddlerec/distributed.py): 2 workers on the sample data, a dying worker,
+"""Distributed training (paddlerec/launch.py, paddlerec/worker.py): 2 workers on the sample data, a dying worker,
 two "machines" on 127.0.0.1, the parameter-server check, and the gradient reducer's arithmetic.
 
 The multi-process tests start real paddle.distributed.launch jobs (3-6 Python processes each);
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import PYTHON, REPO, run_cli
+from tests.helpers import PYTHON, REPO, hparams, random_sessions, run_cli, steps_of
 
 MODEL = os.path.join(REPO, "model.py")
 READER = os.path.join(REPO, "rsc15_reader.py")
@@ -94,7 +94,7 @@ def checkpoint_digest(path):
     """The digest the workers report, recomputed from a saved checkpoint's files."""
     import paddle
 
-    from paddlerec.distributed import state_digest
+    from paddlerec.worker import state_digest
 
     return state_digest(paddle.load(os.path.join(path, "model.pdparams")),
                         paddle.load(os.path.join(path, "optimizer.pdopt")))
@@ -134,6 +134,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 def test_two_workers_keep_identical_parameters_and_their_checkpoint_serves_infer_and_incremental(tmp_path):
     runners = distributed_runner(tmp_path, "dist", "local_cluster_train", "  worker_num: 2\n  eval_phase: test\n") + \
@@ -158,7 +159,6 @@ def test_two_workers_keep_identical_parameters_and_their_checkpoint_serves_infer
     import paddle
 
     import model as model_module
-    from tests.helpers import hparams
 
     state = paddle.load(str(tmp_path / "checkpoints" / "2" / "model.pdparams"))
     from paddlerec.contract import DataInfo
@@ -212,7 +212,8 @@ def test_distributed_settings_are_checked_before_anything_starts(tmp_path, monke
                                                                  words):
     from paddlerec.config import load_config
     from paddlerec.errors import ConfigError
-    from paddlerec.runners import RunContext, prepare
+    from paddlerec.loops import RunContext
+    from paddlerec.mode import prepare
 
     for name in ("PADDLE_MASTER", "PADDLE_NNODES", "PADDLE_RANK", "PADDLE_NPROC_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
@@ -224,7 +225,7 @@ def test_distributed_settings_are_checked_before_anything_starts(tmp_path, monke
 
 def test_cluster_settings_fall_back_to_the_launcher_variables(tmp_path):
     from paddlerec.config import load_config
-    from paddlerec.distributed import cluster_settings
+    from paddlerec.launch import cluster_settings
 
     config = load_config(write_config(tmp_path, distributed_runner(tmp_path, "dist", "cluster_train"), "[dist]"))
     runner = config.runners["dist"]
@@ -246,15 +247,16 @@ import model as base
 
 
 class Model(base.Model):
-    def train_step(self, batch):
+    def train_step(self, batch, batch_size):
         if os.environ.get("PADDLE_TRAINER_ID") == "1":
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return super().train_step(batch)
+        return super().train_step(batch, batch_size)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 def test_a_killed_worker_stops_the_job_with_its_log_named_and_nothing_left_running(tmp_path):
     model = tmp_path / "dying_model.py"
@@ -271,6 +273,7 @@ def test_a_killed_worker_stops_the_job_with_its_log_named_and_nothing_left_runni
     assert_no_leftovers(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 def test_cluster_train_on_two_hosts_at_localhost(tmp_path):
     port = free_port()
@@ -305,6 +308,7 @@ def test_cluster_train_on_two_hosts_at_localhost(tmp_path):
     assert_no_leftovers(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 def test_cluster_train_stops_when_the_other_machine_never_joins(tmp_path):
     extra = f"  master: \"127.0.0.1:{free_port()}\"\n  nnodes: 2\n  node_rank: 0\n  nproc_per_node: 1\n"
@@ -346,7 +350,7 @@ class ThreadComm:
 def test_reducer_averages_dense_gradients_and_gathers_sparse_rows_of_unequal_lengths():
     import paddle
 
-    from paddlerec.distributed import CollectiveReducer
+    from paddlerec.worker import CollectiveReducer
 
     rng = np.random.default_rng(7)
     inputs = []
@@ -386,7 +390,6 @@ def test_reducer_averages_dense_gradients_and_gathers_sparse_rows_of_unequal_len
 
 def test_lockstep_cut_keeps_a_prefix_of_whole_mini_batches():
     import rsc15_reader
-    from tests.helpers import random_sessions, steps_of
 
     batch = next(iter(steps_of(random_sessions(40, 30, seed=3), batch_size=8, chunk=20)))
     assert batch.n_steps > 5

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from csrc import kernel as fused_ops
+
 from tests.helpers import make_model, random_sessions, steps_of
 
 model_module = pytest.importorskip("model")
@@ -11,9 +13,9 @@ import rsc15_reader  # noqa: E402
 
 def fused_available():
     try:
-        model_module.load_kernel_module()
+        fused_ops.load()
         return True
-    except model_module.KernelUnavailable:
+    except fused_ops.KernelUnavailable:
         return False
 
 
@@ -40,9 +42,9 @@ def test_fused_matches_reference(case):
     fused_losses, reference_losses = [], []
     for epoch in (1, 2):
         for model, losses in ((fused, fused_losses), (reference, reference_losses)):
-            model.begin_epoch(epoch, True, 5)
+            model.begin_epoch(epoch, True)
             for batch in steps_of(sessions, 5):
-                losses.extend(model.train_step(batch))
+                losses.extend(model.train_step(batch, 5))
     assert len(fused_losses) == len(reference_losses) > 20
     np.testing.assert_allclose(fused_losses, reference_losses, rtol=2e-4, atol=1e-5)
     for name in fused.network.param_names:
@@ -60,9 +62,9 @@ def test_fused_training_with_dropout_learns():
     model = make_model(sessions, kernel="fused", layers=[16], dropout_embed=0.3, dropout_hidden=0.3, n_sample=8)
     losses = []
     for epoch in range(1, 6):
-        model.begin_epoch(epoch, True, 8)
+        model.begin_epoch(epoch, True)
         for batch in steps_of(sessions, 8):
-            losses.extend(model.train_step(batch))
+            losses.extend(model.train_step(batch, 8))
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-20:]) < np.mean(losses[:20])
 
@@ -72,9 +74,9 @@ def test_fused_evaluation_matches_reference(embedding, layers):
     """Ranks, tie counts and top-K of the C++ evaluation equal those of the Paddle operators."""
     sessions = random_sessions(n_sessions=50, n_items=40, seed=11, min_len=1)
     trained = make_model(sessions, kernel="reference", layers=layers, embedding=embedding, n_sample=10)
-    trained.begin_epoch(1, True, 6)
+    trained.begin_epoch(1, True)
     for batch in steps_of(rsc15_reader.drop_short(sessions, 2, "test"), 6):
-        trained.train_step(batch)
+        trained.train_step(batch, 6)
     # items 35.. never seen: masked out of every ranking and recommendation
     support = trained.network.item_support.numpy()
     support[35:] = 0
@@ -86,7 +88,7 @@ def test_fused_evaluation_matches_reference(embedding, layers):
         model.network.set_state_dict(state)
         outputs[kernel] = []
         for mode in ("standard", "conservative", "median"):
-            model.begin_epoch(0, False, 7)
+            model.begin_epoch(0, False)
             outputs[kernel] += [model.eval_step(b, 5, mode) for b in steps_of(sessions, 7, with_final=True)]
     for fused_out, reference_out in zip(outputs["fused"], outputs["reference"]):
         np.testing.assert_array_equal(fused_out.ranks, reference_out.ranks)
@@ -106,8 +108,8 @@ def test_fused_matches_reference_when_work_is_split_between_threads():
     reference = make_model(sessions, kernel="reference", **settings)
     losses = {}
     for name, model in (("fused", fused), ("reference", reference)):
-        model.begin_epoch(1, True, 128)
-        losses[name] = [l for batch in steps_of(sessions, 128, chunk=64) for l in model.train_step(batch)]
+        model.begin_epoch(1, True)
+        losses[name] = [l for batch in steps_of(sessions, 128, chunk=64) for l in model.train_step(batch, 128)]
     np.testing.assert_allclose(losses["fused"], losses["reference"], rtol=2e-4, atol=1e-5)
     for name in fused.network.param_names:
         np.testing.assert_allclose(getattr(fused.network, name).numpy(), getattr(reference.network, name).numpy(),
@@ -115,8 +117,85 @@ def test_fused_matches_reference_when_work_is_split_between_threads():
     outputs = {}
     for name, model in (("fused", fused), ("reference", reference)):
         model.network.set_state_dict(fused.network.state_dict())
-        model.begin_epoch(0, False, 600)
+        model.begin_epoch(0, False)
         outputs[name] = [model.eval_step(b, 10, "standard") for b in steps_of(sessions, 600, with_final=True)]
     for f, r in zip(outputs["fused"], outputs["reference"]):
         np.testing.assert_array_equal(f.ranks, r.ranks)
         np.testing.assert_array_equal(f.topk_ids, r.topk_ids)
+
+
+THREAD_RUN = """
+import hashlib, sys
+import numpy as np
+from tests.helpers import make_model, random_sessions, steps_of
+sessions = random_sessions(n_sessions=300, n_items=700, seed=int(sys.argv[1]))
+settings = {"layers": [24, 16], "n_sample": 400, "loss": sys.argv[2], "logq": 0.5, "dropout_hidden": 0.2,
+            "optimizer": {"momentum": 0.2}}
+model = make_model(sessions, kernel="fused", **settings)
+digest = hashlib.sha256()
+for epoch in (1, 2):
+    model.begin_epoch(epoch, True)
+    for batch in steps_of(sessions, 40, chunk=16):
+        digest.update(np.asarray(model.train_step(batch, 40), np.float64).tobytes())
+for name in model.network.param_names:
+    digest.update(getattr(model.network, name).numpy().tobytes())
+for value in model.optimizer.state.values():
+    digest.update(value.numpy().tobytes())
+model.begin_epoch(0, False)
+for batch in steps_of(sessions, 37, with_final=True):
+    out = model.eval_step(batch, 10, "standard")
+    digest.update(out.ranks.tobytes() + out.topk_ids.tobytes() + out.topk_scores.tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max"])
+def test_results_are_bitwise_identical_for_any_thread_count(loss):
+    """The kernel cuts its work into tiles whose shapes do not depend on the thread count and sums
+    partial results in tile order: 1 to 4 threads give the same bits (training and evaluation)."""
+    import os
+    import subprocess
+    import sys
+
+    seed = 21
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {}
+    for threads in (1, 2, 3, 4):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        done = subprocess.run([sys.executable, "-c", THREAD_RUN, str(seed), loss], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests[threads] = done.stdout.strip().splitlines()[-1]
+    assert len(set(digests.values())) == 1, f"seed {seed}: {digests}"
+
+
+@pytest.mark.parametrize("embedding,loss", [("shared", "cross-entropy"), ("separate", "bpr-max"), ("none", "top1-max")])
+def test_gradients_then_update_equals_the_whole_step(embedding, loss):
+    """Distributed training runs the fused step in two halves (gradients, then the update of the
+    combined gradients). With a pass-through combiner the halves give exactly what one call gives,
+    and the reference step with the same combiner agrees."""
+    sessions = random_sessions(n_sessions=60, n_items=50, seed=13)
+    settings = {"layers": [10, 8] if embedding != "shared" else [8], "embedding": embedding, "embedding_size": 6,
+                "loss": loss, "n_sample": 12, "logq": 0.5, "optimizer": {"momentum": 0.3}}
+    seen = []
+
+    def pass_through(dense, sparse):
+        seen.append((sorted(dense), sorted(sparse)))
+        return dense, sparse
+
+    whole = make_model(sessions, kernel="fused", **settings)
+    halves = make_model(sessions, kernel="fused", **settings)
+    reference = make_model(sessions, kernel="reference", **settings)
+    halves.grad_reducer = reference.grad_reducer = pass_through
+    losses = {}
+    for name, model in (("whole", whole), ("halves", halves), ("reference", reference)):
+        model.begin_epoch(1, True)
+        losses[name] = [l for batch in steps_of(sessions, 6) for l in model.train_step(batch, 6)]
+    assert len(seen) > 20 and seen[0] == seen[-1]
+    np.testing.assert_array_equal(losses["halves"], losses["whole"])
+    np.testing.assert_allclose(losses["halves"], losses["reference"], rtol=2e-4, atol=1e-5)
+    for name in whole.network.param_names:
+        np.testing.assert_array_equal(getattr(halves.network, name).numpy(), getattr(whole.network, name).numpy(),
+                                      err_msg=name)
+        np.testing.assert_allclose(getattr(halves.network, name).numpy(), getattr(reference.network, name).numpy(),
+                                   rtol=1e-3, atol=2e-5, err_msg=name)

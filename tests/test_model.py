@@ -7,10 +7,12 @@ import numpy as np
 import paddle
 import pytest
 
+from csrc import kernel as fused_ops
+
 import model as model_module
 import rsc15_reader
 from paddlerec.metrics import RankMetrics
-from tests.helpers import RSC15_100K, make_model
+from tests.helpers import RSC15_100K, make_model, random_sessions, steps_of
 
 
 def test_sampler_follows_support_to_the_power_alpha():
@@ -116,6 +118,7 @@ def load_tsv_sessions(path, item_index=None):
     return rsc15_reader.Sessions(np.concatenate(lists), offsets), item_index
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(RSC15_100K), reason=f"real RSC15 sample not found at {RSC15_100K}")
 def test_one_epoch_on_real_data_beats_popularity_by_far():
     train, index = load_tsv_sessions(os.path.join(RSC15_100K, "yoochoose-clicks-100k_train_full.txt"))
@@ -123,11 +126,11 @@ def test_one_epoch_on_real_data_beats_popularity_by_far():
     model = make_model(train, n_items=len(index), layers=[100], loss="cross-entropy", logq=1.0,
                        dropout_hidden=0.4, n_sample=2048, sample_alpha=0.5,
                        optimizer={"learning_rate": 0.2, "momentum": 0.2})
-    model.begin_epoch(1, True, 32)
+    model.begin_epoch(1, True)
     for batch in rsc15_reader.chunk_steps(rsc15_reader.session_parallel_steps(train, 32, False), 64):
-        losses = model.train_step(batch)
+        losses = model.train_step(batch, 32)
         assert np.all(np.isfinite(losses))
-    model.begin_epoch(0, False, 512)
+    model.begin_epoch(0, False)
     metrics = RankMetrics([20])
     for batch in rsc15_reader.chunk_steps(rsc15_reader.session_parallel_steps(test, 512, False), 64):
         metrics.add(model.eval_step(batch, 20, "standard").ranks)
@@ -146,20 +149,19 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, kernel):
     """Checkpoint after epoch 1, restore into a new model, train epoch 2: the same numbers as
     two epochs in one go (dropout and the negative-sample stream included)."""
     from paddlerec import checkpoint
-    from tests.helpers import random_sessions, steps_of
 
     if kernel == "fused":
         try:
-            model_module.load_kernel_module()
-        except model_module.KernelUnavailable as exc:
+            fused_ops.load()
+        except fused_ops.KernelUnavailable as exc:
             pytest.skip(f"fused kernel unavailable: {exc}")
     sessions = random_sessions(n_sessions=80, n_items=40, seed=2)
     settings = dict(kernel=kernel, layers=[12], dropout_hidden=0.3, dropout_embed=0.1, n_sample=9, sample_store=90,
                     logq=1.0, optimizer={"momentum": 0.3})
 
     def train(model, epoch):
-        model.begin_epoch(epoch, True, 6)
-        return [loss for batch in steps_of(sessions, 6) for loss in model.train_step(batch)]
+        model.begin_epoch(epoch, True)
+        return [loss for batch in steps_of(sessions, 6) for loss in model.train_step(batch, 6)]
 
     straight = make_model(sessions, **settings)
     losses = train(straight, 1) + train(straight, 2)

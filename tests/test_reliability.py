@@ -27,7 +27,7 @@ from paddlerec.errors import ConfigError, DataError
 from paddlerec.params import INT64_MAX, validate_section
 from paddlerec.registry import RUNNER_CLASSES
 from paddlerec.run import main
-from tests.spine_fixtures import (N_ITEMS, PYTHON, REPO, assert_one_clean_error, base_config, checkpoint_epochs,
+from tests.helpers import (N_ITEMS, PYTHON, REPO, assert_one_clean_error, base_config, checkpoint_epochs,
                                   entry, leftovers, make_workspace, write_config, write_sessions)
 
 DATA_DIR = os.path.join(REPO, "data")
@@ -466,7 +466,7 @@ def test_every_int_setting_refuses_a_number_beyond_its_bound_and_names_it():
     ("hyper_parameters.n_sample=100000000", "<= 100000"),
     ("hyper_parameters.layers=[10000000]", "<= 4096"),
     ("hyper_parameters.embedding_size=100000000", "<= 4096"),
-    ("phase.phase_train.thread_num=100000", "<= 256"),
+    ("phase.phase_train.thread_num=100000", "<= 1024"),
     ("dataset.train_data.batch_size=1000000000", "<= 100000"),
     ("hyper_parameters.dropout_hidden=.nan", "finite"),
     ("hyper_parameters.optimizer.momentum=.inf", "finite"),

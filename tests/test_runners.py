@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from paddlerec import checkpoint, runners
+from paddlerec.loops import RunContext, build_model
+from paddlerec.mode import prepare
 from paddlerec.config import load_config
 from paddlerec.run import main
-from tests.spine_fixtures import N_ITEMS, REPO, checkpoint_epochs, labels, leftovers, make_workspace, run_cli
+from tests.helpers import N_ITEMS, REPO, checkpoint_epochs, labels, leftovers, make_workspace, run_paddlerec
 
 paddle = pytest.importorskip("paddle")
 
@@ -41,10 +43,11 @@ def read_predictions(path):
     return rows
 
 
+@pytest.mark.slow
 def test_one_epoch_of_the_shipped_config(tmp_path):
     """README's first command, shortened to one epoch, with every output redirected to tmp."""
     out = tmp_path / "out"
-    proc = run_cli(["-m", os.path.join(REPO, "config.yaml"),
+    proc = run_paddlerec(["-m", os.path.join(REPO, "config.yaml"),
                     "-o", "runner.cpu_train_runner.epochs=1",
                     "-o", f"runner.cpu_train_runner.save_checkpoint_path={out}/checkpoints",
                     "-o", f"runner.cpu_train_runner.save_inference_path={out}/inference",
@@ -89,8 +92,8 @@ def test_incremental_training_restores_weights_and_optimizer_exactly(tmp_path, c
     caplog.set_level(logging.INFO)
     path = make_workspace(tmp_path)
     config = load_config(path)
-    ctx = runners.RunContext(config, show_progress=False)
-    runners.prepare(ctx)
+    ctx = RunContext(config, show_progress=False)
+    prepare(ctx)
     trained = runners.run_train(ctx, "train")  # epochs 1, 2; checkpoints 1 and 2
     ckpt = os.path.join(str(tmp_path), "ckpt", "2")
     saved_net = _arrays(paddle.load(os.path.join(ckpt, "model.pdparams")))
@@ -99,10 +102,10 @@ def test_incremental_training_restores_weights_and_optimizer_exactly(tmp_path, c
     _assert_same(saved_opt, _arrays(trained.optimizer_state()))
 
     # a new run's restore, as the `resume` runner (init_model_path: the parent folder) does it
-    ctx2 = runners.RunContext(load_config(path), show_progress=False)
+    ctx2 = RunContext(load_config(path), show_progress=False)
     hparams = ctx2.hyper_parameters("phase_train")
     data = ctx2.reader("phase_train").info()
-    fresh = runners.build_model(ctx2, "phase_train", hparams, data)
+    fresh = build_model(ctx2, "phase_train", hparams, data)
     restored, epoch, run_id = runners.restore_for_training(ctx2, "resume", "phase_train", hparams, data)
     assert epoch == 2
     # a continued run keeps the id of the run it continues
@@ -113,7 +116,7 @@ def test_incremental_training_restores_weights_and_optimizer_exactly(tmp_path, c
     _assert_same(restored_net, saved_net)
     _assert_same(restored_opt, saved_opt)
     # training on: the items known before stay known, the new data's items join them
-    restored.begin_epoch(3, True, 4)
+    restored.begin_epoch(3, True)
     known = restored.network.item_support.numpy()
     assert np.array_equal(known, np.maximum(saved_net["item_support"], data.item_support))
     # and the restore did something: a fresh model differs in weights and optimizer state
@@ -204,24 +207,29 @@ def _predictor(folder):
     return inference.create_predictor(config)
 
 
-def _predict(predictor, io, item_ids, hidden):
-    inputs = dict(zip(io["inputs"], (np.asarray(item_ids, np.int64), np.asarray(hidden, np.float32))))
+def _predict(predictor, io, item_ids, hidden, exclude_ids=None):
+    item_ids = np.asarray(item_ids, np.int64)
+    if exclude_ids is None:  # one column of padding: nothing excluded
+        exclude_ids = np.full((len(item_ids), 1), io["padding_id"], np.int64)
+    values = (item_ids, np.asarray(hidden, np.float32), np.asarray(exclude_ids, np.int64))
+    inputs = dict(zip([spec["name"] for spec in io["inputs"]], values))
     for name, value in inputs.items():
         handle = predictor.get_input_handle(name)
         handle.reshape(list(value.shape))
         handle.copy_from_cpu(value)
     predictor.run()
-    return {name: predictor.get_output_handle(name).copy_to_cpu() for name in io["outputs"]}
+    return {spec["name"]: predictor.get_output_handle(spec["name"]).copy_to_cpu() for spec in io["outputs"]}
 
 
 def test_exported_model_serves_the_trained_models_recommendations(trained):
     folder, path = trained
     export = folder / "inference" / "10"
     io = json.loads((export / "io.json").read_text())
-    assert io["inputs"] == ["item_ids", "hidden"] and io["outputs"] == ["topk_ids", "topk_scores", "next_hidden"]
+    inputs, outputs = [spec["name"] for spec in io["inputs"]], [spec["name"] for spec in io["outputs"]]
+    assert inputs == ["item_ids", "hidden", "exclude_ids"] and outputs == ["topk_ids", "topk_scores", "next_hidden"]
     predictor = _predictor(export)
-    assert predictor.get_input_names() == io["inputs"]
-    assert predictor.get_output_names() == io["outputs"]  # no fetch_name_N to guess
+    assert predictor.get_input_names() == inputs
+    assert predictor.get_output_names() == outputs  # no fetch_name_N to guess
     vocab = (export / "vocab.txt").read_text().split("\n")[:-1]
     assert vocab == labels(N_ITEMS)
 
@@ -276,6 +284,22 @@ def test_exported_model_matches_the_network_on_any_state(trained):
     np.testing.assert_array_equal(out["topk_ids"], top_ids.numpy())
     np.testing.assert_allclose(out["topk_scores"], top_scores.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["next_hidden"], new_hidden[0].numpy(), rtol=1e-5, atol=1e-6)
+
+    # exclude_ids: each row drops its own items (padded with n_items) from the same scores' top-K
+    n_items = io["n_items"]
+    exclude = np.full((17, 4), n_items, np.int64)
+    for row in range(17):
+        count = rng.integers(0, 5)
+        exclude[row, :count] = top_ids.numpy()[row, rng.permutation(io["topk"])[:count]]
+    excluded = _predict(_predictor(export), io, items, hidden, exclude)
+    masked = scores.numpy().copy()
+    for row in range(17):
+        masked[row, exclude[row][exclude[row] < n_items]] = -np.inf
+    expected = np.argsort(-masked, axis=1, kind="stable")[:, :io["topk"]]
+    np.testing.assert_array_equal(np.take_along_axis(masked, excluded["topk_ids"], 1),
+                                  np.take_along_axis(masked, expected, 1))  # same scores, in order (ties aside)
+    for row in range(17):
+        assert not set(excluded["topk_ids"][row]) & set(exclude[row]), f"row {row} got an excluded item"
 
 
 def test_a_new_run_does_not_mix_with_an_earlier_runs_checkpoints(tmp_path, caplog):

@@ -1,0 +1,1 @@
+"""The fused C++ operators (gru4rec_cpu.cc) and their Python glue (kernel.py)."""
