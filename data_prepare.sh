@@ -19,7 +19,8 @@ OUT/config.yaml ready to train on them:
 
   --raw PATH       local yoochoose-clicks.dat (skips the download)
   --prepared DIR   GRU4Rec TSV splits already preprocessed (one file matching
-                   *train_full*, one matching *test*; skips download and
+                   *train_full*, one matching *test*, optionally one *train_tr*
+                   and one *train_valid* for tuning; skips download and
                    preprocessing), e.g. a folder holding rsc15_train_full.tsv
                    and rsc15_test.tsv
   --out DIR        output folder (default: <repo>/data)
@@ -28,9 +29,10 @@ OUT/config.yaml ready to train on them:
   -h, --help       this help
 
 Layout under OUT: raw/yoochoose-clicks.dat (download only),
-prepared/rsc15_{train_full,test,train_tr,train_valid}.tsv, converted/{train,test}.txt
-(original item ids), vocab.txt, all_train/train.txt, all_test/test.txt (model
-ids), config.yaml.  Python: $PYTHON, else <repo>/.venv/bin/python, else python3.
+prepared/rsc15_{train_full,test,train_tr,train_valid}.tsv,
+converted/{train,test,train_tr,train_valid}.txt (original item ids), vocab.txt,
+all_train/train.txt, all_test/test.txt (model ids), tune/ (the same for the
+tuning split train_tr -> train_valid, when there is one), config.yaml.  Python: $PYTHON, else <repo>/.venv/bin/python, else python3.
 EOF
 }
 
@@ -122,6 +124,20 @@ find_one() {
         count=$((count + 1))
     done
     [ "$count" -eq 1 ] || die "expected one file matching $2 in $1, found $count; pass a folder with GRU4Rec TSV splits"
+    printf '%s\n' "$found"
+}
+
+# find_optional DIR PATTERN: the single regular file in DIR matching PATTERN, or
+# nothing when there is none
+find_optional() {
+    found=
+    count=0
+    for candidate in "$1"/$2; do
+        [ -f "$candidate" ] || continue
+        found=$candidate
+        count=$((count + 1))
+    done
+    [ "$count" -le 1 ] || die "expected at most one file matching $2 in $1, found $count; keep one"
     printf '%s\n' "$found"
 }
 
@@ -227,9 +243,49 @@ else
     done_step vocab "$key" "$@"
 fi
 
-# 5. a config that trains on this data -------------------------------------
-key="config config=$CONFIG workspace=$REPO out=$OUT"
-set -- "$OUT/config.yaml" -- "$CONFIG" "$REPO/data/text2paddle.py"
+# 4b. the tuning split train_tr -> train_valid (vocab from train_tr), when there is one
+if [ -n "$PREPARED" ]; then
+    TR_TSV=$(find_optional "$PREPARED" '*train_tr*')
+    VALID_TSV=$(find_optional "$PREPARED" '*train_valid*')
+else
+    TR_TSV=${prefix}_train_tr.tsv
+    VALID_TSV=${prefix}_train_valid.tsv
+fi
+TUNE_INPUTS=
+if [ -n "$TR_TSV" ] && [ -n "$VALID_TSV" ]; then
+    key="tune train_tr=$TR_TSV train_valid=$VALID_TSV"
+    # the tune/ files are outputs too: a split left empty (too little data) gets no tune/
+    # folder, and its stamp records them as missing
+    set -- "$OUT/converted/train_tr.txt" "$OUT/converted/train_valid.txt" "$OUT/tune/vocab.txt" \
+        "$OUT/tune/all_train/train.txt" "$OUT/tune/all_test/test.txt" \
+        -- "$TR_TSV" "$VALID_TSV" "$REPO/data/convert_format.py" "$REPO/data/text2paddle.py"
+    if fresh tune "$key" "$@"; then
+        skip tune
+    else
+        begin tune
+        "$PY" "$REPO/data/convert_format.py" "$TR_TSV" "$OUT/converted/train_tr.txt"
+        "$PY" "$REPO/data/convert_format.py" "$VALID_TSV" "$OUT/converted/train_valid.txt"
+        rm -rf "$OUT/tune"
+        if [ -s "$OUT/converted/train_tr.txt" ] && [ -s "$OUT/converted/train_valid.txt" ]; then
+            "$PY" "$REPO/data/text2paddle.py" --out-dir "$OUT/tune" --train "$OUT/converted/train_tr.txt" \
+                --test "$OUT/converted/train_valid.txt"
+        else
+            echo "[tune] the train_tr/train_valid split is empty (too little data); the config gets no tune runner"
+        fi
+        done_step tune "$key" "$@"
+    fi
+    [ ! -e "$OUT/tune/vocab.txt" ] || TUNE_INPUTS="$OUT/tune/vocab.txt"
+else
+    echo "[tune] no train_tr/train_valid split in $PREPARED; the config gets no tune runner"
+fi
+
+# 5. a config that trains on this data (and tunes on train_tr -> train_valid) -
+key="config config=$CONFIG workspace=$REPO out=$OUT tune=$TUNE_INPUTS"
+if [ -n "$TUNE_INPUTS" ]; then
+    set -- "$OUT/config.yaml" -- "$CONFIG" "$REPO/data/text2paddle.py" "$TUNE_INPUTS"
+else
+    set -- "$OUT/config.yaml" -- "$CONFIG" "$REPO/data/text2paddle.py"
+fi
 if fresh config "$key" "$@"; then
     skip config
 else

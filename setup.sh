@@ -1,7 +1,7 @@
 #!/bin/sh
 # Set up .venv with what the project needs and build the fused CPU training kernel.
 #   sh setup.sh          runtime dependencies
-#   sh setup.sh --dev    also the test tools
+#   sh setup.sh --dev    also the test tools and the optional extras (requirements-tune.txt: Optuna)
 # Safe to run again: it only installs what is missing and rebuilds the kernel when its source changed.
 set -eu
 cd "$(dirname "$0")"
@@ -19,7 +19,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 if [ "$dev" = 1 ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check "pytest>=8"
+  .venv/bin/python -m pip install -q --disable-pip-version-check "pytest>=8" -r requirements-tune.txt
 fi
 # `python -m paddlerec.run` from any directory: put this checkout on the venv's path
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -160,7 +160,8 @@ def make_config(config: dict, out_dir: str, workspace: str, path: str = "config"
     ``dataset_train`` / ``dataset_infer`` → ``data_path`` OUT/all_train /
     OUT/all_test and ``vocab_path`` OUT/vocab.txt; in every runner, strings
     starting with ``{workspace}/output`` → OUT/output...  (so checkpoints and
-    predictions of a run land beside its data).
+    predictions of a run land beside its data); and, when OUT/tune holds the
+    tuning split, the datasets, phases and tune runner of ``_add_tuning``.
     """
     out_dir = os.path.abspath(out_dir)
     config = copy.deepcopy(config)
@@ -176,7 +177,41 @@ def make_config(config: dict, out_dir: str, workspace: str, path: str = "config"
         datasets[name]["data_path"] = os.path.join(out_dir, folder)
         datasets[name]["vocab_path"] = vocab_path
     config["runner"] = [_replace_output_prefix(runner, out_dir) for runner in config["runner"]]
+    if os.path.isfile(os.path.join(out_dir, "tune", "vocab.txt")):
+        _add_tuning(config, out_dir, datasets, path)
     return config
+
+
+TUNE_SPACES = {"bpr-max": "{workspace}/configs/tune_space_bprmax.yaml"}
+TUNE_SPACE_DEFAULT = "{workspace}/configs/tune_space_xe.yaml"
+
+
+def _add_tuning(config: dict, out_dir: str, datasets: dict, path: str) -> None:
+    """The tuning split OUT/tune (train_tr -> train_valid, its own vocab) as datasets
+    dataset_train_tr / dataset_train_valid (copies of dataset_train / dataset_infer),
+    phases phase_train_tr / phase_train_valid (copies of phase_train / phase_infer) and
+    a runner tune_runner searching the space that suits the config's loss."""
+    phases = {entry.get("name"): entry for entry in config.get("phase") or [] if isinstance(entry, dict)}
+    if "phase_train" not in phases or "phase_infer" not in phases:
+        raise DataError("config has no phases named 'phase_train' and 'phase_infer'", path,
+                        hint="the tuning phases are copies of them")
+    tune = os.path.join(out_dir, "tune")
+    for source, name, folder in (("dataset_train", "dataset_train_tr", "all_train"),
+                                 ("dataset_infer", "dataset_train_valid", "all_test")):
+        entry = dict(datasets[source], name=name, data_path=os.path.join(tune, folder),
+                     vocab_path=os.path.join(tune, "vocab.txt"))
+        config["dataset"] = [e for e in config["dataset"] if e.get("name") != name] + [entry]
+    for source, name, dataset in (("phase_train", "phase_train_tr", "dataset_train_tr"),
+                                  ("phase_infer", "phase_train_valid", "dataset_train_valid")):
+        config["phase"] = [e for e in config["phase"] if e.get("name") != name] + [
+            dict(phases[source], name=name, dataset_name=dataset)]
+    loss = (config.get("hyper_parameters") or {}).get("loss")
+    runner = {"name": "tune_runner", "class": "tune", "device": "cpu", "phases": ["phase_train_tr"],
+              "eval_phase": "phase_train_valid", "search_space": TUNE_SPACES.get(loss, TUNE_SPACE_DEFAULT),
+              "n_trials": 20, "epochs": 3, "metric": "recall", "cutoff": 20,
+              "study_path": os.path.join(out_dir, "output", "tune", "study.db"),
+              "best_config_path": os.path.join(out_dir, "output", "tune", "best.yaml")}
+    config["runner"] = [e for e in config["runner"] if e.get("name") != "tune_runner"] + [runner]
 
 
 def config_text(repo_config: str, out_dir: str, workspace: str | None = None) -> str:

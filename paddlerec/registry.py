@@ -106,6 +106,26 @@ CLUSTER_TRAIN_PARAMS = TRAIN_PARAMS + (
           help="this machine's address as the others reach it; empty: POD_IP, else what its hostname resolves to"),
 ) + DISTRIBUTED_PARAMS
 
+# Hyper-parameter search (paddlerec/tune.py): trials of `epochs` epochs on the phase, each evaluated on eval_phase.
+TUNE_PARAMS = RUNNER_COMMON + (
+    Param("eval_phase", "str", help="validation phase each trial is evaluated on (e.g. train_tr -> train_valid)"),
+    Param("search_space", "path", help="YAML of the ranges and choices to search (format: configs/tune_space_xe.yaml)"),
+    Param("n_trials", "int", 20, min=1, help="trials of the study in all, those of an interrupted run it resumes included"),
+    Param("epochs", "int", 3, min=1, help="epochs each trial trains"),
+    Param("metric", "str", "recall", choices=("recall", "mrr"), help="objective: Recall@cutoff or MRR@cutoff on eval_phase "
+          "after the last epoch (maximised)"),
+    Param("cutoff", "int", 20, min=1, help="K of the objective"),
+    Param("tie_mode", "str", "standard", choices=("standard", "conservative", "median"),
+          help="rank of a target tied with others, as in the infer runner"),
+    Param("seed", "int", 42, help="seed of the sampler (Optuna TPE); the model's is hyper_parameters.seed"),
+    Param("study_path", "path", "output/tune/study.db",
+          help="SQLite file holding the study; a search run again with it resumes (interrupted trials run again)"),
+    Param("study_name", "str", "", help="study in that file; empty: the runner's name"),
+    Param("best_config_path", "path", "output/tune/best.yaml",
+          help="the config (this one with the best trial's settings) written at the end"),
+    Param("best_mode", "names", [], help="`mode` of the written config; empty: this config's mode without tune runners"),
+)
+
 
 @dataclass(frozen=True)
 class RunnerClass:
@@ -141,4 +161,5 @@ RUNNER_CLASSES: Dict[str, RunnerClass] = {c.name: c for c in (
     RunnerClass("cluster_train", CLUSTER_TRAIN_PARAMS, "paddlerec.launch:run_cluster_train",
                 check="paddlerec.launch:check_cluster_train", trains=True),
     RunnerClass("serve", SERVE_PARAMS, "paddlerec.runners:run_serve"),
+    RunnerClass("tune", TUNE_PARAMS, "paddlerec.tune:run_tune", check="paddlerec.tune:check_tune", trains=True),
 )}
