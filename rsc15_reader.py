@@ -313,6 +313,29 @@ def chunk_steps(blocks: Iterator[StepBatch], min_steps: int) -> Iterator[StepBat
         yield merge(pending)
 
 
+def with_target_lists(batch: StepBatch) -> StepBatch:
+    """The batch plus, in every step, a twin of each row that has a target: same input and
+    carried state, target -1 (recommend) and query id -1 - session, so the model returns the
+    top-K list it recommends at that click (Coverage@K and Popularity@K are computed over these
+    lists). Twins follow the step's own rows, so the carry indices of the next step, which point
+    at the own rows, stay valid; a twin's state is never carried on."""
+    n_rows = np.diff(batch.step_offsets)
+    step_of_row = np.repeat(np.arange(batch.n_steps, dtype=np.int64), n_rows)
+    twin = np.flatnonzero(batch.targets >= 0)
+    # order: step by step, own rows first (in order), then that step's twins (in order)
+    key = np.concatenate([2 * step_of_row, 2 * step_of_row[twin] + 1])
+    order = np.argsort(key, kind="stable")
+    rows_per_step = n_rows + np.bincount(step_of_row[twin], minlength=batch.n_steps)
+    step_offsets = np.zeros(batch.n_steps + 1, dtype=np.int64)
+    np.cumsum(rows_per_step, out=step_offsets[1:])
+    joined = lambda own, twins: np.concatenate([own, twins])[order]
+    return StepBatch(step_offsets=step_offsets,
+                     inputs=joined(batch.inputs, batch.inputs[twin]),
+                     targets=joined(batch.targets, np.full(len(twin), -1, dtype=np.int64)),
+                     carry=joined(batch.carry, batch.carry[twin]),
+                     sessions=joined(batch.sessions, -1 - batch.sessions[twin]))
+
+
 def merge(parts: List[StepBatch]) -> StepBatch:
     if len(parts) == 1:
         return parts[0]
@@ -373,10 +396,12 @@ class Reader:
         return Sessions(items[known], offsets)
 
     def batches(self, batch_size: int, training: bool, known_items: Optional[np.ndarray] = None,
-                shard=(0, 1), recommend: bool = True) -> Iterator[StepBatch]:
+                shard=(0, 1), recommend: bool = True, target_lists: bool = False) -> Iterator[StepBatch]:
         """Session-parallel batches. Training needs 2+ clicks per session; evaluation with
         `recommend` also plays a session's last click (target -1) so its recommendations can be
-        read off (without it, evaluation only ranks targets, as the official evaluation does)."""
+        read off (without it, evaluation only ranks targets, as the official evaluation does).
+        Evaluation with `target_lists` also asks for the list recommended at every target
+        (see with_target_lists: query id -1 - session)."""
         sessions = self.restricted(known_items)
         if training and not (sessions.lengths >= 2).any():
             raise DataError("no session has 2 or more clicks, so there is nothing to train on (a session's "
@@ -393,7 +418,7 @@ class Reader:
         blocks = session_parallel_steps(sessions, batch_size, with_final=with_final)
         for batch in chunk_steps(blocks, self.STEPS_PER_BATCH):
             batch.sessions = ids[batch.sessions]
-            yield batch
+            yield with_target_lists(batch) if target_lists and not training else batch
 
 
 def select_sessions(sessions: Sessions, which: np.ndarray) -> Sessions:

@@ -90,7 +90,8 @@ def data_overrides(config, train_dir, test_dir, vocab, work, predictions=True):
     for runner_name in config.mode:
         runner = config.runners[runner_name]
         if runner["class"] == "infer" and not predictions:
-            overrides += [f"runner.{runner_name}.predictions_path=", f"runner.{runner_name}.show_predictions=0"]
+            overrides += [f"runner.{runner_name}.predictions_path=", f"runner.{runner_name}.show_predictions=0",
+                          f"runner.{runner_name}.list_metrics=false"]
         data_dir = test_dir if runner["class"] == "infer" else train_dir
         for phase in runner["phases"]:
             dataset = config.phases[phase]["dataset_name"]

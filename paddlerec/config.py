@@ -268,9 +268,10 @@ def _check_references(config: Config, check_files: bool = True) -> None:
             raise ConfigError(f"{prefix}.phases", f"empty; name a phase from: {', '.join(config.phases)}")
         if runner_class.trains and len(runner["phases"]) != 1:
             raise ConfigError(f"{prefix}.phases", f"a {runner['class']} runner trains exactly one phase, got {runner['phases']}")
-        eval_phase = runner.get("eval_phase")
-        if eval_phase and eval_phase not in config.phases:
-            raise ConfigError(f"{prefix}.eval_phase", f"no phase named {eval_phase!r}; phases: {', '.join(config.phases)}")
+        for key in ("eval_phase", "train_phase"):
+            other = runner.get(key)
+            if other and other not in config.phases:
+                raise ConfigError(f"{prefix}.{key}", f"no phase named {other!r}; phases: {', '.join(config.phases)}")
 
     # Files only matter for what this run will use.
     if not check_files:
@@ -297,7 +298,8 @@ def used_phases(config: Config) -> List[str]:
     names = []
     for runner_name in config.mode:
         runner = config.runners[runner_name]
-        for phase in list(runner.get("phases", [])) + ([runner["eval_phase"]] if runner.get("eval_phase") else []):
+        extra = [runner[key] for key in ("eval_phase", "train_phase") if runner.get(key)]
+        for phase in list(runner.get("phases", [])) + extra:
             if phase not in names:
                 names.append(phase)
     return names

@@ -11,7 +11,9 @@ Reader file (`dataset.data_converter`) defines
             training=False yields evaluation batches; with recommend, targets may be -1 (the
             query ended: recommend, don't rank). Each row names its query. known_items (bool
             per item id) drops items the model never saw. shard=(rank, world) splits the
-            data between distributed workers.
+            data between distributed workers. target_lists=True (evaluation) also asks for the
+            list recommended at every target: rows with target -1 whose query id is
+            -1 - the query's id (Coverage@K and Popularity@K are computed over these lists).
         n_queries: int                       number of sessions (queries)
     Every batch has `n_steps` (mini-batches it holds), `step_events` (int64 array: training
     targets per mini-batch) and `head(n)` (a batch of its first n mini-batches; distributed
@@ -19,6 +21,8 @@ Reader file (`dataset.data_converter`) defines
 
 Model file (`phase.model`) defines
     HYPER_PARAMETERS: tuple of paddlerec.params.Param — every key `hyper_parameters` takes.
+    MODEL_NAME (optional): the name results are printed under; default: the first word of the
+                                         file's docstring, else the file's name.
     class Model(hparams: dict, data: DataInfo)
         network: paddle.nn.Layer             all state a checkpoint holds (parameters, buffers)
         signature() -> dict                  what must match to load a checkpoint (sizes)
@@ -58,6 +62,6 @@ class EvalOutput:
     """Evaluation of one batch."""
 
     ranks: np.ndarray  # float64 [n_targets]: rank of each target among all items (1 = best)
-    query_ids: np.ndarray  # int64 [n_ended]: queries (sessions) that ended in this batch
+    query_ids: np.ndarray  # int64 [n_ended]: queries (sessions) that ended in this batch (< 0: lists at targets)
     topk_ids: np.ndarray  # int64 [n_ended, k]: their recommendations, best first
     topk_scores: np.ndarray  # float32 [n_ended, k]

@@ -12,7 +12,7 @@ from typing import Dict
 import numpy as np
 
 from .config import LEGACY_HINTS, Config
-from .contract import DataInfo
+from .contract import DataInfo, EvalOutput
 from .errors import ConfigError, PluginError, TrainingError, UserError
 from .metrics import RankMetrics
 from .params import validate_section
@@ -153,23 +153,35 @@ def train_epoch(model, batches, batch_size, epoch, print_interval, show_progress
 
 # ---- evaluation ----------------------------------------------------------------------------
 
-def evaluate(model, reader, batch_size, cutoffs, tie_mode, topk, show_progress=False, on_output=None):
+def evaluate(model, reader, batch_size, cutoffs, tie_mode, topk, show_progress=False, on_output=None, lists=None):
     """The one evaluation loop: ranks of every target against all items, and (when on_output
-    wants them) each query's top-K."""
+    wants them) each query's top-K. With `lists` (a metrics.ListMetrics), the reader also plays
+    every target's click for its recommendations (query id -1 - session; see the reader's
+    `target_lists`), which `lists` takes for Coverage@K / Popularity@K; on_output sees only the
+    lists of ended queries either way."""
     model.begin_epoch(0, False)
     metrics = RankMetrics(cutoffs)
+    extra = {"target_lists": True} if lists is not None else {}
     bar = progress_bar(show_progress, desc="evaluate", unit="targets")
     with bar:
         for batch in reader.batches(batch_size, training=False, known_items=model.known_items(),
-                                    recommend=on_output is not None):
+                                    recommend=on_output is not None, **extra):
             out = model.eval_step(batch, topk, tie_mode)
             metrics.add(out.ranks)
+            if lists is not None:
+                at_target = out.query_ids < 0  # [n_ended + n_targets]
+                lists.add(out.topk_ids[at_target])
+                ended = ~at_target
+                out = EvalOutput(out.ranks, out.query_ids[ended], out.topk_ids[ended], out.topk_scores[ended])
             if on_output is not None:
                 on_output(out)
             bar.update(len(out.ranks))
-    return metrics.result()
+    result = metrics.result()
+    if lists is not None:
+        result.update(lists.result())
+    return result
 
 
-def evaluate_phase(ctx: RunContext, phase_name, model, cutoffs, tie_mode, topk, on_output=None):
+def evaluate_phase(ctx: RunContext, phase_name, model, cutoffs, tie_mode, topk, on_output=None, lists=None):
     return evaluate(model, ctx.reader(phase_name), ctx.batch_size(phase_name), cutoffs, tie_mode, topk,
-                    ctx.show_progress, on_output)
+                    ctx.show_progress, on_output, lists)

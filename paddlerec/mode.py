@@ -18,7 +18,7 @@ from .registry import RUNNER_CLASSES
 log = logging.getLogger(__name__)
 
 # runner keys naming a folder the runner writes into (checked before any runner starts)
-OUTPUT_FOLDERS = ("save_checkpoint_path", "save_inference_path", "predictions_path", "log_dir")
+OUTPUT_FOLDERS = ("save_checkpoint_path", "save_inference_path", "predictions_path", "metrics_path", "log_dir")
 
 
 def prepare(ctx: RunContext):
@@ -41,7 +41,8 @@ def prepare(ctx: RunContext):
             continue
         if runner.get("init_model_path"):
             check_init_path(config, runner_name)
-        for phase_name in runner["phases"] + ([runner["eval_phase"]] if runner.get("eval_phase") else []):
+        extra = [runner[key] for key in ("eval_phase", "train_phase") if runner.get(key)]
+        for phase_name in runner["phases"] + extra:
             ctx.model_module(phase_name)
             if runner_class.trains:
                 ctx.hyper_parameters(phase_name)

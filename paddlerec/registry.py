@@ -46,10 +46,37 @@ INFER_PARAMS = RUNNER_COMMON + (
     Param("init_model_path", "path", help="a checkpoint, or a folder of them (each is evaluated, in epoch order)"),
     Param("predictions_path", "path", "", help="write every session's top-K to `<this>/<epoch>.txt`; empty: don't"),
     Param("topk", "int", 20, min=1, help="length of each session's recommendation list"),
-    Param("cutoffs", "list[int]", [1, 5, 10, 20], min=1, help="K of Recall@K and MRR@K"),
+    Param("cutoffs", "list[int]", [1, 5, 10, 20], min=1,
+          help="K of Recall, MRR, NDCG, Coverage and Popularity @K (the printed table shows the largest)"),
     Param("tie_mode", "str", "standard", choices=("standard", "conservative", "median"),
           help="rank of a target tied with others: standard = 1 + #higher; conservative = #higher-or-equal; median"),
     Param("show_predictions", "int", 5, min=0, help="sessions whose top-K are printed"),
+    Param("train_phase", "str", "",
+          help="the phase the model was trained on: the popularity baseline (POP) is fitted on its data and "
+               "evaluated beside every checkpoint on the same targets, and Popularity@K counts its clicks; "
+               "empty: no baseline, no Popularity@K"),
+    Param("metrics_path", "path", "",
+          help="write every evaluation's metrics to `<this>/metrics.json` and `metrics.csv`; empty: don't"),
+    Param("list_metrics", "bool", True,
+          help="also ask for the list recommended at every target, for Coverage@K and Popularity@K (about "
+               "doubles the evaluation's work); false: rank the targets only, as the official evaluation does"),
+)
+
+# Baselines (paddlerec/baselines.py) fitted on train_phase, evaluated like a model on `phases`.
+BASELINE_PARAMS = RUNNER_COMMON + (
+    Param("train_phase", "str", help="the phase whose data the baselines learn from (the model's training data)"),
+    Param("baselines", "list[str]", ["pop", "spop", "iknn"], choices=("pop", "spop", "iknn"),
+          help="pop: most clicked training items; spop: the session's own items first, then pop; "
+               "iknn: items that co-occur in training sessions with the last click (session-rec's definitions)"),
+    Param("topk", "int", 20, min=1, help="length of each recommendation list (Coverage@K, Popularity@K)"),
+    Param("cutoffs", "list[int]", [1, 5, 10, 20], min=1, help="K of the metrics"),
+    Param("tie_mode", "str", "standard", choices=("standard", "conservative", "median"),
+          help="rank of a target tied with others, as for the infer runner"),
+    Param("spop_top_n", "int", 100, min=1, help="spop: popular items that get a popularity score (the rest 0)"),
+    Param("knn_n_sims", "int", 100, min=1, help="iknn: neighbours kept per item"),
+    Param("knn_lambda", "float", 20.0, min=0.0, help="iknn: regularisation of the supports (discounts rare items)"),
+    Param("knn_alpha", "float", 0.5, min=0.0, max=1.0, help="iknn: 0.5 cosine-like, 1.0 confidence"),
+    Param("metrics_path", "path", "", help="write the metrics to `<this>/metrics.json` and `metrics.csv`; empty: don't"),
 )
 
 # A serve runner reads an exported inference model, no phase: it has no `phases` key.
@@ -161,5 +188,6 @@ RUNNER_CLASSES: Dict[str, RunnerClass] = {c.name: c for c in (
     RunnerClass("cluster_train", CLUSTER_TRAIN_PARAMS, "paddlerec.launch:run_cluster_train",
                 check="paddlerec.launch:check_cluster_train", trains=True),
     RunnerClass("serve", SERVE_PARAMS, "paddlerec.runners:run_serve"),
+    RunnerClass("baseline", BASELINE_PARAMS, "paddlerec.runners:run_baseline"),
     RunnerClass("tune", TUNE_PARAMS, "paddlerec.tune:run_tune", check="paddlerec.tune:check_tune", trains=True),
 )}

@@ -27,12 +27,21 @@ def parse_args(argv):
                         help="override a config key (dotted; list entries by name, e.g. "
                              "runner.cpu_train_runner.epochs=1); VALUE is YAML. Repeatable.")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines stay)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log warnings and errors only (results are still printed)")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="also write the log and the results, in order, to this file")
     return parser.parse_args(argv)
 
 
-def configure_logging(quiet):
-    logs.configure(quiet)
+def configure_logging(quiet, log_file=None):
+    """Results (metrics, recommendations, the summary) on stdout; the log on stderr. Returns
+    the error line when log_file cannot be written, else None."""
+    try:
+        logs.configure(quiet, log_file)
+    except OSError as exc:
+        return f"error: --log-file: cannot write {log_file}: {exc.strerror or exc}"
+    return None
 
 
 def set_threads(config):
@@ -61,7 +70,10 @@ def import_paddle_quietly():
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(args.quiet)
+    problem = configure_logging(args.quiet, args.log_file)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     config = None
     try:
         config = load_config(args.model, args.override)
@@ -70,20 +82,35 @@ def main(argv=None):
         import_paddle_quietly()
         from .loops import RunContext
         from .mode import run
+        from .summary import summary_lines
 
+        ctx = RunContext(config, show_progress=not args.no_progress)
         with sigterm_raises():  # after Paddle's import, which installs its own handler
-            run(RunContext(config, show_progress=not args.no_progress))
+            run(ctx)
+        for line in summary_lines(ctx):
+            logs.results.info("%s", line)
     except Terminated:
         newest = newest_checkpoints(config) if config is not None else "none yet"
-        print(f"terminated (SIGTERM); nothing is half-written; newest complete checkpoint: {newest}", file=sys.stderr)
+        ending(args.log_file, f"terminated (SIGTERM); nothing is half-written; newest complete checkpoint: {newest}")
         return Terminated.exit_code
     except UserError as exc:
-        print(f"{exc.prefix}: {exc}", file=sys.stderr)
+        ending(args.log_file, f"{exc.prefix}: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; the last saved checkpoint is complete", file=sys.stderr)
+        ending(args.log_file, "interrupted; the last saved checkpoint is complete")
         return 130
     return 0
+
+
+def ending(log_file, line):
+    """The one line a failed run ends with: on stderr, and in the log file, which holds the whole run."""
+    print(line, file=sys.stderr)
+    if log_file:
+        try:
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass  # the line is on stderr; a log file that cannot take it was reported when opened
 
 
 if __name__ == "__main__":

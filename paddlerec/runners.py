@@ -15,9 +15,11 @@ from typing import Callable, Optional
 from . import checkpoint, curves, export
 from .contract import DataInfo
 from .errors import CheckpointError, TrainingError
-from .files import atomic_file, save_error
+from .files import atomic_file, save_error, write_text
 from .loops import RunContext, build_model, evaluate_phase, select_device, train_epoch
-from .metrics import format_metrics
+from .baselines import Pop, make_baseline
+from .logs import results
+from .metrics import ListMetrics, comparison_table, format_metrics, metrics_files
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +153,32 @@ class Predictions:
             raise save_error(path, exc) from None
 
 
+def model_name(module, path):
+    """The name results are printed under: the model file's MODEL_NAME, else the first word of
+    its docstring ("GRU4Rec on Paddle: ..." gives GRU4Rec), else the file's name."""
+    name = getattr(module, "MODEL_NAME", None)
+    if not name and module.__doc__ and module.__doc__.split():
+        name = module.__doc__.split()[0].strip(":,.")
+    return name or os.path.basename(path)
+
+
 def run_infer(ctx: RunContext, runner_name):
-    """Evaluate each checkpoint under init_model_path (in epoch order) on each phase's data."""
+    """Evaluate each checkpoint under init_model_path (in epoch order) on each phase's data and,
+    with a train_phase, the popularity baseline (POP) on the same targets; print one table per
+    phase (results), write the metrics files and the predictions."""
     config = ctx.config
     runner = config.runners[runner_name]
     select_device(runner_name, runner["device"])
     key = f"runner.{runner_name}.init_model_path"
     paths = checkpoint.resolve(runner["init_model_path"], key, all_of_them=True)
+    train_info = ctx.reader(runner["train_phase"]).info() if runner["train_phase"] else None
+    cutoffs, tie_mode, topk = runner["cutoffs"], runner["tie_mode"], runner["topk"]
+    rows = []  # every evaluation, for metrics_path
     for phase_name in runner["phases"]:
         reader = ctx.reader(phase_name)
         labels = reader.info().labels
+        table = []  # (name, metrics) printed at the end of the phase
+        predictions = None
         for path in paths:
             meta = checkpoint.read_meta(path)
             hparams = ctx.hyper_parameters(phase_name, meta["hyper_parameters"])
@@ -173,20 +191,102 @@ def run_infer(ctx: RunContext, runner_name):
             checkpoint.load_into(model, path, with_optimizer=False)
             wanted = bool(runner["predictions_path"] or runner["show_predictions"])
             predictions = Predictions(labels)
+            clicks = train_info.item_support if train_info is not None else model.known_items()
+            lists = ListMetrics(cutoffs, clicks, with_popularity=train_info is not None) \
+                if runner["list_metrics"] else None
             started = time.perf_counter()
-            metrics = evaluate_phase(ctx, phase_name, model, runner["cutoffs"], runner["tie_mode"], runner["topk"],
-                                     predictions if wanted else None)
+            metrics = evaluate_phase(ctx, phase_name, model, cutoffs, tie_mode, topk,
+                                     predictions if wanted else None, lists)
             seconds = time.perf_counter() - started
             log.info("infer %s, epoch %d (%s): %s, %.2fs", phase_name, meta["epoch"], path, format_metrics(metrics),
                      seconds)
+            name = model_name(ctx.model_module(phase_name), config.phases[phase_name]["model"])
+            table.append((f"{name}, epoch {meta['epoch']}", metrics))
+            row = dict(runner=runner_name, phase=phase_name, model=name, epoch=meta["epoch"], checkpoint=path)
+            rows.append(dict(row, **metrics, seconds=round(seconds, 4)))
             ctx.record(runner_name, "evaluations", dict(metrics, phase=phase_name, epoch=meta["epoch"],
                                                          checkpoint=path, seconds=seconds))
-            for q, ids, _ in predictions.sorted_rows()[:runner["show_predictions"]]:
-                log.info("session: %d, top %d items: [%s]", q, len(ids), ", ".join(predictions.names(ids)))
             if runner["predictions_path"]:
                 out = os.path.join(runner["predictions_path"], f"{meta['epoch']}.txt")
                 predictions.write(out)
-                log.info("wrote %d sessions' top-%d to %s", len(predictions.rows), runner["topk"], out)
+                log.info("wrote %d sessions' top-%d to %s", len(predictions.rows), topk, out)
+        if train_info is not None:
+            baseline = Pop(train_info)
+            lists = ListMetrics(cutoffs, train_info.item_support) if runner["list_metrics"] else None
+            metrics = evaluate_phase(ctx, phase_name, baseline, cutoffs, tie_mode, topk, None, lists)
+            if metrics["targets"] != table[-1][1]["targets"]:
+                log.warning("POP ranks %d targets of %s but the model %d: is train_phase %s the data the model was "
+                            "trained on?", metrics["targets"], phase_name, table[-1][1]["targets"],
+                            runner["train_phase"])
+            table.append((f"{baseline.name} (baseline)", metrics))
+            rows.append(dict(runner=runner_name, phase=phase_name, model=baseline.name, epoch="", checkpoint="",
+                             **metrics))
+            ctx.record(runner_name, "baselines", dict(metrics, phase=phase_name, model=baseline.name))
+        report_phase(phase_name, reader, table, tie_mode, cutoffs)
+        if predictions is not None:
+            for q, ids, _ in predictions.sorted_rows()[:runner["show_predictions"]]:
+                results.info("session: %d, top %d items: [%s]", q, len(ids), ", ".join(predictions.names(ids)))
+        if runner["metrics_path"]:
+            write_metrics(runner["metrics_path"], rows)
+
+
+def report_phase(phase_name, reader, table, tie_mode, cutoffs):
+    """The phase's comparison table on the results stream: the metrics at the largest cutoff."""
+    k = max(cutoffs)
+    keys = [key for key in (f"recall@{k}", f"mrr@{k}", f"ndcg@{k}", f"coverage@{k}", f"popularity@{k}")
+            if any(key in m for _, m in table)]
+    targets = table[0][1]["targets"] if table else 0
+    results.info("%s: %s targets in %s sessions, each ranked against every item seen in training (ties: %s)",
+                 phase_name, f"{targets:,}", f"{reader.n_queries:,}", tie_mode)
+    for line in comparison_table(table, keys):
+        results.info("%s", line)
+
+
+def write_metrics(folder, rows):
+    text_json, text_csv = metrics_files(rows)
+    for name, text in (("metrics.json", text_json + "\n"), ("metrics.csv", text_csv)):
+        path = os.path.join(folder, name)
+        try:
+            write_text(path, text)
+        except OSError as exc:
+            raise save_error(path, exc) from None
+    log.info("wrote every evaluation's metrics to %s (metrics.json, metrics.csv)", folder)
+
+
+def run_baseline(ctx: RunContext, runner_name):
+    """Baseline runner: fit each baseline on train_phase, evaluate it on every phase through the
+    evaluation loop the model uses (same targets, same ties), print one table per phase."""
+    config = ctx.config
+    runner = config.runners[runner_name]
+    train_phase = runner["train_phase"]
+    train_reader = ctx.reader(train_phase)
+    info = train_reader.info()
+    options = {key: runner[key] for key in ("spop_top_n", "knn_n_sims", "knn_lambda", "knn_alpha")}
+    baselines = []
+    for name in runner["baselines"]:
+        started = time.perf_counter()
+        baseline = make_baseline(name, info, options)
+        baseline.fit(train_reader.batches(ctx.batch_size(train_phase), training=True))
+        log.info("%s fitted on %s in %.2fs", baseline.name, train_phase, time.perf_counter() - started)
+        baselines.append(baseline)
+    cutoffs, tie_mode, topk = runner["cutoffs"], runner["tie_mode"], runner["topk"]
+    rows = []
+    for phase_name in runner["phases"]:
+        table = []
+        for baseline in baselines:
+            started = time.perf_counter()
+            metrics = evaluate_phase(ctx, phase_name, baseline, cutoffs, tie_mode, topk, None,
+                                     ListMetrics(cutoffs, info.item_support))
+            seconds = time.perf_counter() - started
+            log.info("%s on %s: %s, %.2fs", baseline.name, phase_name, format_metrics(metrics), seconds)
+            table.append((baseline.name, metrics))
+            rows.append(dict(runner=runner_name, phase=phase_name, model=baseline.name, **metrics,
+                             seconds=round(seconds, 4)))
+            ctx.record(runner_name, "evaluations", dict(metrics, phase=phase_name, model=baseline.name,
+                                                         seconds=seconds))
+        report_phase(phase_name, ctx.reader(phase_name), table, tie_mode, cutoffs)
+        if runner["metrics_path"]:
+            write_metrics(runner["metrics_path"], rows)
 
 
 def run_serve(ctx: RunContext, runner_name):

@@ -21,17 +21,17 @@ READER = os.path.join(REPO, "rsc15_reader.py")
 
 
 def write_config(tmp_path, runners, mode, model=MODEL, batch_size=16, threads=2):
-    """A config on the sample data whose every output lands under tmp_path."""
+    """A config on PaddleRec's sample data (data/sample_paddlerec) whose every output lands under tmp_path."""
     text = f"""
 workspace: "{REPO}"
 dataset:
 - name: train
   batch_size: {batch_size}
-  data_path: "{REPO}/data/train"
+  data_path: "{REPO}/data/sample_paddlerec/train"
   data_converter: "{READER}"
 - name: test
   batch_size: 64
-  data_path: "{REPO}/data/test"
+  data_path: "{REPO}/data/sample_paddlerec/test"
   data_converter: "{READER}"
 hyper_parameters:
   layers: [16]

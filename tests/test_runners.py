@@ -52,20 +52,26 @@ def test_one_epoch_of_the_shipped_config(tmp_path):
                     "-o", f"runner.cpu_train_runner.save_checkpoint_path={out}/checkpoints",
                     "-o", f"runner.cpu_train_runner.save_inference_path={out}/inference",
                     "-o", f"runner.cpu_infer_runner.init_model_path={out}/checkpoints",
-                    "-o", f"runner.cpu_infer_runner.predictions_path={out}/predictions"],
+                    "-o", f"runner.cpu_infer_runner.predictions_path={out}/predictions",
+                    "-o", f"runner.cpu_infer_runner.metrics_path={out}"],
                    cwd=str(tmp_path))  # not the repository: the config's relative workspace must hold
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    log = proc.stderr
+    log, results = proc.stderr, proc.stdout
     assert re.search(r"epoch 1 done, use time: [\d.]+s, global metrics: loss [\d.]+, events \d+", log)
     assert "epoch 2" not in log
     assert re.search(r"infer phase_infer, epoch 1 .*Recall@20: [\d.]+.*MRR@20: [\d.]+", log)
-    assert re.search(r"session: \d+, top 20 items: \[\d+(, \d+){19}\]", log)
+    # results on stdout, the log on stderr
+    assert re.search(r"session: \d+, top 20 items: \[\d+(, \d+){19}\]", results)
+    assert "session: " not in log and " INFO " not in results
+    assert re.search(r"GRU4Rec, epoch 1 +[\d.]+ +[\d.]+", results)
+    assert re.search(r"POP \(baseline\) +[\d.]+ +[\d.]+", results)
+    assert "Outputs:" in results and "curl -s localhost:8866/click" in results
 
     assert checkpoint_epochs(out / "checkpoints") == [1]
     meta = json.loads((out / "checkpoints" / "1" / "meta.json").read_text())
     assert meta["epoch"] == 1 and meta["hyper_parameters"]["layers"] == [100]
-    with open(os.path.join(REPO, "data", "train", "small_train.txt")) as f:
+    with open(os.path.join(REPO, "data", "train", "sessions.txt")) as f:
         assert meta["data"]["n_items"] == max(int(t) for line in f for t in line.split()) + 1
     assert sorted(os.listdir(out / "inference" / "1")) == ["io.json", "model.json", "model.pdiparams"]
     assert sorted(os.listdir(out / "predictions")) == ["1.txt"]

@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     """A 2-layer model trained on the sample sessions with a vocab of made-up original ids, its
     export, and the infer runner's top-K for every (training) session after its last click."""
     root = tmp_path_factory.mktemp("serve")
-    sessions = read_lines(os.path.join(REPO, "data", "train", "small_train.txt"))
+    sessions = read_lines(os.path.join(REPO, "data", "sample_paddlerec", "train", "small_train.txt"))
     n_items = max(int(i) for s in sessions for i in s) + 3  # the last ids are in the vocab, never clicked
     labels = [f"P{1000 + 7 * i}" for i in range(n_items)]
     os.makedirs(root / "data")
