@@ -1,9 +1,11 @@
 #!/bin/sh
 # Prepare the RecSys Challenge 2015 (YooChoose) clicks for GRU4Rec training.
 # Run `sh data_prepare.sh --help` for usage.  Each step records a stamp in
-# OUT/.stamps/ only after its outputs are complete; a step whose stamp matches
-# its arguments, whose outputs exist and whose inputs (and script) are not newer
-# than the stamp is skipped, so a second run does no work.
+# OUT/.stamps/ only after its outputs are complete: its arguments and the size
+# and sha256 of its inputs (and script) and outputs.  A step whose stamp still
+# matches is skipped, so a second run does no work; any change of content
+# reruns it, whatever the files' modification times say (cp -p, rsync -a, tar
+# and 7z give replaced files old mtimes).
 set -eu
 
 usage() {
@@ -19,7 +21,8 @@ OUT/config.yaml ready to train on them:
   --prepared DIR   GRU4Rec TSV splits already preprocessed (one file matching
                    *train_full*, one matching *test*, optionally one *train_tr*
                    and one *train_valid* for tuning; skips download and
-                   preprocessing), e.g. /work/shared/data/rsc15_sessionrec_100k
+                   preprocessing), e.g. a folder holding rsc15_train_full.tsv
+                   and rsc15_test.tsv
   --out DIR        output folder (default: <repo>/data)
   --url URL        where to download from (default: the RecSys 2015 archive)
   --config PATH    config to adapt (default: <repo>/config.yaml)
@@ -99,8 +102,13 @@ if [ -n "$PREPARED" ]; then
 fi
 [ -f "$CONFIG" ] || die "config not found, $CONFIG; pass --config PATH (the config.yaml to adapt)"
 CONFIG=$(abspath "$CONFIG")
-mkdir -p "$OUT" || die "cannot create --out folder, $OUT; pass a writable folder"
+mkdir -p "$OUT" 2>/dev/null && [ -d "$OUT" ] || die "cannot create --out folder, $OUT; pass a writable folder"
 OUT=$(abspath "$OUT")
+probe=$OUT/.write-test.$$
+( : > "$probe" ) 2>/dev/null && rm -f "$probe" || die "cannot write in --out folder, $OUT; pass a writable folder"
+# the config is adapted last: check it now, before any data work
+"$PY" "$REPO/data/text2paddle.py" --out-dir "$OUT" --check-config "$CONFIG" \
+    --workspace "$REPO" || exit $?
 STAMPS=$OUT/.stamps
 RAN=0
 
@@ -133,23 +141,22 @@ find_optional() {
     printf '%s\n' "$found"
 }
 
-# fresh STEP KEY OUTPUT... -- INPUT...: true when STEP's stamp holds KEY, every
-# OUTPUT exists and no INPUT is newer than the stamp
+# stamp_of KEY OUTPUT... -- INPUT...: KEY, then the size and sha256 of every
+# file (a missing one as "missing PATH")
+stamp_of() {
+    printf '%s\n' "$1"
+    shift
+    "$PY" "$REPO/data/fingerprint.py" "$@"
+}
+
+# fresh STEP KEY OUTPUT... -- INPUT...: true when STEP's stamp is what
+# stamp_of says now: same arguments, inputs and outputs of the same content
 fresh() {
     stamp=$STAMPS/$1
-    key=$2
-    shift 2
-    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] || return 1
-    while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-        [ -e "$1" ] || return 1
-        shift
-    done
-    [ $# -eq 0 ] || shift
-    for input in "$@"; do
-        [ -e "$input" ] || return 1
-        [ -z "$(find "$input" -prune -newer "$stamp")" ] || return 1
-    done
-    return 0
+    shift
+    [ -f "$stamp" ] || return 1
+    now=$(stamp_of "$@") || return 1
+    [ "$(cat "$stamp")" = "$now" ]
 }
 
 begin() {  # begin STEP: announce it and drop its stamp until it completes
@@ -159,9 +166,11 @@ begin() {  # begin STEP: announce it and drop its stamp until it completes
     RAN=1
 }
 
-done_step() {  # done_step STEP KEY: the outputs are complete
-    printf '%s\n' "$2" > "$STAMPS/$1.tmp"
-    mv "$STAMPS/$1.tmp" "$STAMPS/$1"
+done_step() {  # done_step STEP KEY OUTPUT... -- INPUT...: the outputs are complete
+    step=$1
+    shift
+    stamp_of "$@" > "$STAMPS/.$step.tmp"
+    mv "$STAMPS/.$step.tmp" "$STAMPS/$step"
 }
 
 skip() {
@@ -173,7 +182,8 @@ if [ -z "$RAW" ] && [ -z "$PREPARED" ]; then
     URL=${URL:-https://s3-eu-west-1.amazonaws.com/yc-rdata/yoochoose-data.7z}
     RAW=$OUT/raw/yoochoose-clicks.dat
     key="download url=$URL"
-    if fresh download "$key" "$RAW" -- "$REPO/data/download.py"; then
+    set -- "$RAW" -- "$REPO/data/download.py"
+    if fresh download "$key" "$@"; then
         skip download
     else
         begin download
@@ -182,7 +192,7 @@ if [ -z "$RAW" ] && [ -z "$PREPARED" ]; then
                       --extract-clicks "$RAW" ;;
             *) "$PY" "$REPO/data/download.py" --url "$URL" --out "$RAW" ;;
         esac
-        done_step download "$key"
+        done_step download "$key" "$@"
     fi
 fi
 
@@ -196,13 +206,14 @@ else
     TRAIN_TSV=${prefix}_train_full.tsv
     TEST_TSV=${prefix}_test.tsv
     key="preprocess raw=$RAW out=$prefix"
-    if fresh preprocess "$key" "$TRAIN_TSV" "$TEST_TSV" "${prefix}_train_tr.tsv" \
-            "${prefix}_train_valid.tsv" -- "$RAW" "$REPO/data/preprocess.py"; then
+    set -- "$TRAIN_TSV" "$TEST_TSV" "${prefix}_train_tr.tsv" "${prefix}_train_valid.tsv" \
+        -- "$RAW" "$REPO/data/preprocess.py"
+    if fresh preprocess "$key" "$@"; then
         skip preprocess
     else
         begin preprocess
         "$PY" "$REPO/data/preprocess.py" "$RAW" --out-prefix "$prefix"
-        done_step preprocess "$key"
+        done_step preprocess "$key" "$@"
     fi
 fi
 
@@ -210,25 +221,26 @@ fi
 TRAIN_TXT=$OUT/converted/train.txt
 TEST_TXT=$OUT/converted/test.txt
 key="convert train=$TRAIN_TSV test=$TEST_TSV"
-if fresh convert "$key" "$TRAIN_TXT" "$TEST_TXT" -- "$TRAIN_TSV" "$TEST_TSV" \
-        "$REPO/data/convert_format.py"; then
+set -- "$TRAIN_TXT" "$TEST_TXT" -- "$TRAIN_TSV" "$TEST_TSV" "$REPO/data/convert_format.py"
+if fresh convert "$key" "$@"; then
     skip convert
 else
     begin convert
     "$PY" "$REPO/data/convert_format.py" "$TRAIN_TSV" "$TRAIN_TXT"
     "$PY" "$REPO/data/convert_format.py" "$TEST_TSV" "$TEST_TXT"
-    done_step convert "$key"
+    done_step convert "$key" "$@"
 fi
 
 # 4. vocab from train; train and test in model ids -------------------------
 key="vocab train=$TRAIN_TXT test=$TEST_TXT"
-if fresh vocab "$key" "$OUT/vocab.txt" "$OUT/all_train/train.txt" "$OUT/all_test/test.txt" \
-        -- "$TRAIN_TXT" "$TEST_TXT" "$REPO/data/text2paddle.py"; then
+set -- "$OUT/vocab.txt" "$OUT/all_train/train.txt" "$OUT/all_test/test.txt" \
+    -- "$TRAIN_TXT" "$TEST_TXT" "$REPO/data/text2paddle.py"
+if fresh vocab "$key" "$@"; then
     skip vocab
 else
     begin vocab
     "$PY" "$REPO/data/text2paddle.py" --out-dir "$OUT" --train "$TRAIN_TXT" --test "$TEST_TXT"
-    done_step vocab "$key"
+    done_step vocab "$key" "$@"
 fi
 
 # 4b. the tuning split train_tr -> train_valid (vocab from train_tr), when there is one
@@ -240,15 +252,14 @@ else
     VALID_TSV=${prefix}_train_valid.tsv
 fi
 TUNE_INPUTS=
-# the split is converted first; a split left empty (too little data) gets no tune/ folder
-tune_done() {
-    [ -s "$OUT/converted/train_tr.txt" ] && [ -s "$OUT/converted/train_valid.txt" ] || return 0
-    [ -e "$OUT/tune/vocab.txt" ] && [ -e "$OUT/tune/all_train/train.txt" ] && [ -e "$OUT/tune/all_test/test.txt" ]
-}
 if [ -n "$TR_TSV" ] && [ -n "$VALID_TSV" ]; then
     key="tune train_tr=$TR_TSV train_valid=$VALID_TSV"
-    if fresh tune "$key" "$OUT/converted/train_tr.txt" "$OUT/converted/train_valid.txt" \
-            -- "$TR_TSV" "$VALID_TSV" "$REPO/data/convert_format.py" "$REPO/data/text2paddle.py" && tune_done; then
+    # the tune/ files are outputs too: a split left empty (too little data) gets no tune/
+    # folder, and its stamp records them as missing
+    set -- "$OUT/converted/train_tr.txt" "$OUT/converted/train_valid.txt" "$OUT/tune/vocab.txt" \
+        "$OUT/tune/all_train/train.txt" "$OUT/tune/all_test/test.txt" \
+        -- "$TR_TSV" "$VALID_TSV" "$REPO/data/convert_format.py" "$REPO/data/text2paddle.py"
+    if fresh tune "$key" "$@"; then
         skip tune
     else
         begin tune
@@ -261,7 +272,7 @@ if [ -n "$TR_TSV" ] && [ -n "$VALID_TSV" ]; then
         else
             echo "[tune] the train_tr/train_valid split is empty (too little data); the config gets no tune runner"
         fi
-        done_step tune "$key"
+        done_step tune "$key" "$@"
     fi
     [ ! -e "$OUT/tune/vocab.txt" ] || TUNE_INPUTS="$OUT/tune/vocab.txt"
 else
@@ -270,13 +281,18 @@ fi
 
 # 5. a config that trains on this data (and tunes on train_tr -> train_valid) -
 key="config config=$CONFIG workspace=$REPO out=$OUT tune=$TUNE_INPUTS"
-if fresh config "$key" "$OUT/config.yaml" -- "$CONFIG" "$REPO/data/text2paddle.py" $TUNE_INPUTS; then
+if [ -n "$TUNE_INPUTS" ]; then
+    set -- "$OUT/config.yaml" -- "$CONFIG" "$REPO/data/text2paddle.py" "$TUNE_INPUTS"
+else
+    set -- "$OUT/config.yaml" -- "$CONFIG" "$REPO/data/text2paddle.py"
+fi
+if fresh config "$key" "$@"; then
     skip config
 else
     begin config
     "$PY" "$REPO/data/text2paddle.py" --out-dir "$OUT" --write-config "$CONFIG" \
         --workspace "$REPO"
-    done_step config "$key"
+    done_step config "$key" "$@"
 fi
 
 if [ "$RAN" -eq 0 ]; then

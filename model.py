@@ -34,12 +34,12 @@ from paddlerec.params import Param
 log = logging.getLogger(__name__)
 
 HYPER_PARAMETERS = (
-    Param("layers", "list[int]", [100], min=1,
+    Param("layers", "list[int]", [100], min=1, max=4096,
           help="GRU layer sizes; with a shared embedding the last size is also the item embedding size"),
     Param("embedding", "str", "shared", choices=("shared", "separate", "none"),
           help="input of the first GRU layer: the output item matrix (shared), its own item matrix "
                "(separate) or the one-hot item (none)"),
-    Param("embedding_size", "int", 0, min=0, help="size of the separate input embedding; 0: the first layer's size"),
+    Param("embedding_size", "int", 0, min=0, max=4096, help="size of the separate input embedding; 0: the first layer's size"),
     Param("dropout_embed", "float", 0.0, min=0.0, max=0.95, help="dropout on the input embedding"),
     Param("dropout_hidden", "float", 0.0, min=0.0, max=0.95, help="dropout on each GRU layer's output"),
     Param("loss", "str", "cross-entropy", choices=("cross-entropy", "bpr-max", "top1-max", "full_softmax"),
@@ -50,16 +50,16 @@ HYPER_PARAMETERS = (
     Param("bpreg", "float", 0.0, min=0.0, help="bpr-max score regularisation weight"),
     Param("logq", "float", 0.0, min=0.0,
           help="cross-entropy: subtract logq * log(sampling frequency) from each score (popularity correction)"),
-    Param("n_sample", "int", 2048, min=0, help="negative items shared by a mini-batch, on top of its other targets"),
+    Param("n_sample", "int", 2048, min=0, max=100_000, help="negative items shared by a mini-batch, on top of its other targets"),
     Param("sample_alpha", "float", 0.5, min=0.0, max=1.0,
           help="negatives are drawn with probability ~ support**sample_alpha (0: uniform, 1: popularity)"),
-    Param("sample_store", "int", 10000000, min=1, help="negative item ids drawn ahead of time in one go"),
+    Param("sample_store", "int", 10000000, min=1, max=100_000_000, help="negative item ids drawn ahead of time in one go"),
     Param("optimizer.class", "str", "adagrad", choices=("adagrad", "adam", "sgd"),
           help="adagrad (with optional momentum, as the official GRU4Rec), adam or sgd; item rows are updated "
                "only where the mini-batch touched them"),
     Param("optimizer.learning_rate", "float", 0.05, gt=0.0, help="learning rate"),
     Param("optimizer.momentum", "float", 0.0, min=0.0, max=0.99, help="momentum (adagrad and sgd)"),
-    Param("seed", "int", 42, help="seed of the initial weights, dropout and negative sampling"),
+    Param("seed", "int", 42, min=0, max=2**32 - 1, help="seed of the initial weights, dropout and negative sampling"),
     Param("kernel", "str", "auto", choices=("auto", "fused", "reference"),
           help="training step: fused C++ CPU operator, or Paddle operators (reference); auto: fused where it "
                "is built and supports the settings"),

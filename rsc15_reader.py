@@ -25,6 +25,8 @@ import numpy as np
 
 from paddlerec.contract import DataInfo
 from paddlerec.errors import DataError
+from paddlerec.files import looks_temporary
+from paddlerec.vocab import read_vocab
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +90,46 @@ class StepBatch:
         return self.inputs[lo:hi], self.targets[lo:hi], self.carry[lo:hi], self.sessions[lo:hi]
 
 
+def _shown(names):
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
 def list_data_files(data_path: str) -> List[str]:
-    """The files a dataset reads: the file itself, or a folder's visible regular files, sorted."""
+    """The files a dataset reads: the file itself, or a folder's visible regular files, sorted.
+
+    Skipped: hidden names (every writer of this project writes under a hidden temporary name,
+    see paddlerec/files.py), sub-folders, and files named like another writer's temporary
+    (`train.txt.tmp1234`): an interrupted run's partial data must never be trained on. A
+    symbolic link whose target is gone is an error: a data file is missing."""
+    if os.path.islink(data_path) and not os.path.exists(data_path):
+        raise DataError(f"a symbolic link to {os.readlink(data_path)}, which does not exist; fix the link", data_path)
     if os.path.isfile(data_path):
         return [data_path]
     if not os.path.isdir(data_path):
         raise DataError("no such file or folder", data_path)
-    files, skipped = [], []
+    files, skipped, partial = [], [], []
     try:
         names = sorted(os.listdir(data_path))
     except OSError as exc:
         raise DataError(f"cannot read the folder: {exc.strerror}; check its permissions", data_path) from None
     for name in names:
         full = os.path.join(data_path, name)
-        if name.startswith(".") or not os.path.isfile(full):
+        if name.startswith("."):
+            skipped.append(name)
+        elif os.path.islink(full) and not os.path.exists(full):
+            raise DataError(f"a symbolic link to {os.readlink(full)}, which does not exist; fix or remove the link",
+                            full)
+        elif looks_temporary(name):
+            partial.append(name)
+        elif not os.path.isfile(full):
             skipped.append(name)
         else:
             files.append(full)
     if skipped:
-        log.info("%s: skipped %d hidden file(s) or sub-folder(s): %s", data_path, len(skipped),
-                 ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        log.info("%s: skipped %d hidden file(s) or sub-folder(s): %s", data_path, len(skipped), _shown(skipped))
+    if partial:
+        log.warning("%s: skipped %d file(s) an interrupted write left (delete them): %s", data_path, len(partial),
+                    _shown(partial))
     if not files:
         raise DataError("the folder holds no data files; put session files in it (one session per line)", data_path)
     return files
@@ -115,34 +137,43 @@ def list_data_files(data_path: str) -> List[str]:
 
 def load_vocab(path: str) -> List[str]:
     """vocab.txt: one original item id per line; line number (0-based) = model id."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            labels = [line.rstrip("\r\n") for line in f]
-    except OSError as exc:
-        raise DataError(f"cannot read the vocab: {exc.strerror}", path) from None
-    except UnicodeDecodeError:
-        raise DataError("the vocab is not UTF-8 text", path) from None
-    seen = {}
-    for number, label in enumerate(labels, start=1):
-        if not label.strip():
-            raise DataError("empty line in the vocab (one item id per line expected)", path, number)
-        if label in seen:
-            raise DataError(f"item {label!r} appears twice (first on line {seen[label]})", path, number)
-        seen[label] = number
-    if not labels:
-        raise DataError("the vocab is empty; rebuild it with data/text2paddle.py", path)
-    return labels
+    return read_vocab(path)
 
 
 def _line_of(data: bytes, pos: int) -> int:
     return data.count(b"\n", 0, pos) + 1
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+INT64_MAX = 2**63 - 1
+
+
+def normalise_text(data: bytes) -> bytes:
+    """Session bytes with a leading UTF-8 byte-order mark dropped and every line end (\\r\\n, or a
+    lone \\r as old Mac tools write) made \\n: the line, not the byte, ends a session."""
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM):]
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return data
+
+
+_LONG_NUMBER = re.compile(rb"[0-9]{19,}")  # int64 holds every number of up to 18 digits
+
+
+def _too_large(data: bytes):
+    """(line number, token) of the first id beyond int64, or None."""
+    for match in _LONG_NUMBER.finditer(data):
+        if int(match.group()) > INT64_MAX:
+            return _line_of(data, match.start()), match.group().decode("ascii")
+    return None
+
+
 def read_session_file(path: str, n_items: Optional[int]) -> Sessions:
     """Parse one session file; every token must be an item id in [0, n_items)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = normalise_text(f.read())
     except OSError as exc:
         raise DataError(f"cannot read: {exc.strerror}", path) from None
     bad = _BAD_CHAR.search(data)
@@ -156,10 +187,14 @@ def read_session_file(path: str, n_items: Optional[int]) -> Sessions:
     if lines and not lines[-1].strip():
         lines.pop()
     lengths = np.fromiter(map(len, map(bytes.split, lines)), dtype=np.int64, count=len(lines))
-    flat = data.translate(bytes.maketrans(b"\n\r\t", b"   "))
+    huge = _too_large(data)
+    if huge:
+        raise DataError(f"item id {huge[1]} is larger than any model id can be (at most {INT64_MAX}); "
+                        f"were original ids written here? Map them with data/text2paddle.py", path, huge[0])
+    flat = data.translate(bytes.maketrans(b"\n\t", b"  "))
     items = np.fromstring(flat.decode("ascii"), dtype=np.int64, sep=" ") if lengths.sum() else np.zeros(0, np.int64)
-    if items.size != lengths.sum():  # e.g. an id too large for int64
-        raise DataError("could not parse every item id (is one out of the int64 range?)", path)
+    if items.size != lengths.sum():
+        raise DataError("could not parse every item id", path)
     if n_items is not None and items.size and items.max() >= n_items:
         pos = int(np.argmax(items >= n_items))
         line_no = int(np.searchsorted(np.cumsum(lengths), pos, side="right")) + 1
@@ -375,6 +410,9 @@ class Reader:
         Evaluation with `target_lists` also asks for the list recommended at every target
         (see with_target_lists: query id -1 - session)."""
         sessions = self.restricted(known_items)
+        if training and not (sessions.lengths >= 2).any():
+            raise DataError("no session has 2 or more clicks, so there is nothing to train on (a session's "
+                            "next click is the target); check the data, e.g. its line ends", self.data_path)
         ids = np.arange(sessions.n_sessions, dtype=np.int64)  # a row's session = its line in the data
         rank, world = shard
         if world > 1:

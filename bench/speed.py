@@ -16,6 +16,7 @@ bounded number of steps (not extrapolated from the small split).
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -108,6 +109,7 @@ def full_shape_worker(config_path, steps):
     model = model_module.Model(hparams, DataInfo(n_items=FULL_ITEMS, item_support=support))
     model.begin_epoch(1, True)
     model.sampler.take(1)  # the first draw of the sample store is a one-off cost
+    gc.freeze()  # as the train runner does: the long-lived objects are not rescanned during the steps
     done_steps = done_events = 0
     warmup = 20
     started = None

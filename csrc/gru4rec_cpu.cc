@@ -957,6 +957,29 @@ void attach_slots(Net& net, const std::vector<paddle::Tensor>& slots, int optimi
 
 uint64_t step_key(int64_t seed, int64_t step) { return mix64(mix64((uint64_t)seed) ^ mix64((uint64_t)step + 1)); }
 
+// What every training operator sets up: the threads, single-threaded MKL for this call, the
+// calling thread's buffers (they live across calls: fresh pages cost a page-clear each time) and
+// the parameter list.
+std::vector<Layer>& thread_layers() {
+  static thread_local std::vector<Layer> layers;
+  return layers;
+}
+Scratch& thread_scratch() {
+  static thread_local Scratch scratch;
+  return scratch;
+}
+struct OpSetup {
+  const int members = team_size();
+  MklThreads one_thread{1};
+  std::vector<Layer>& layers;
+  Scratch& sc;
+  Net net;
+  OpSetup(const std::vector<paddle::Tensor>& params, int embedding)
+      : layers(thread_layers()), sc(thread_scratch()), net(parse_net(params, embedding, layers)) {
+    Team::get().ensure(members);
+  }
+};
+
 }  // namespace
 
 std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>& params,
@@ -969,17 +992,13 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
                                               float bpreg, float elu, float lr, float momentum, int64_t seed) {
   // Every thread runs single-threaded MKL on its own tiles (see Team): the results are the same
   // for any thread count.
-  const int members = team_size();
-  Team::get().ensure(members);
-  MklThreads one_thread(1);
-  static thread_local std::vector<Layer> layers;
-  static thread_local Scratch scratch;  // buffers live across calls: fresh pages cost a page-clear each time
-  Net net = parse_net(params, embedding, layers);
+  OpSetup op(params, embedding);
+  Net& net = op.net;
+  Scratch& sc = op.sc;  // a lambda naming a thread_local would see the helper thread's own copy
   attach_slots(net, slots, optimizer, momentum);
   const Settings st{embedding, loss_kind, optimizer, batch_size, dropout_embed, dropout_hidden, logq,
                     sample_alpha, bpreg, elu, lr, momentum, seed};
-  Scratch& sc = scratch;  // a lambda naming a thread_local would see the helper thread's own copy
-  Trainer trainer(net, layers, sc, st, members, Team::get().capacity(), log_support.data<float>());
+  Trainer trainer(net, op.layers, sc, st, op.members, Team::get().capacity(), log_support.data<float>());
 
   const int64_t n_steps = step_offsets.numel() - 1;
   const int64_t* offs = step_offsets.data<int64_t>();
@@ -1055,16 +1074,12 @@ std::vector<paddle::Tensor> Gru4recBackwardStep(const std::vector<paddle::Tensor
                                                  float dropout_embed, float dropout_hidden, float logq,
                                                  float sample_alpha, float bpreg, float elu, float lr, float momentum,
                                                  int64_t seed) {
-  const int members = team_size();
-  Team::get().ensure(members);
-  MklThreads one_thread(1);
-  static thread_local std::vector<Layer> layers;
-  static thread_local Scratch scratch;
-  Net net = parse_net(params, embedding, layers);
+  OpSetup op(params, embedding);
+  Net& net = op.net;
+  Scratch& sc = op.sc;
   const Settings st{embedding, loss_kind, optimizer, batch_size, dropout_embed, dropout_hidden, logq,
                     sample_alpha, bpreg, elu, lr, momentum, seed};
-  Scratch& sc = scratch;
-  Trainer trainer(net, layers, sc, st, members, Team::get().capacity(), log_support.data<float>());
+  Trainer trainer(net, op.layers, sc, st, op.members, Team::get().capacity(), log_support.data<float>());
   const int n = (int)inputs.numel();
   const int64_t n_sample = samples.numel() ? samples.shape()[1] : 0;
   const int64_t* smp = samples.numel() ? samples.data<int64_t>() : nullptr;
@@ -1109,16 +1124,12 @@ std::vector<paddle::Tensor> Gru4recUpdateStep(
     const paddle::Tensor& item_rows, const paddle::Tensor& item_grads, const paddle::Tensor& bias_rows,
     const paddle::Tensor& bias_grads, const paddle::Tensor& input_rows, const paddle::Tensor& input_grads,
     int embedding, int optimizer, float lr, float momentum) {
-  const int members = team_size();
-  Team::get().ensure(members);
-  MklThreads one_thread(1);
-  static thread_local std::vector<Layer> layers;
-  static thread_local Scratch scratch;
-  Net net = parse_net(params, embedding, layers);
+  OpSetup op(params, embedding);
+  Net& net = op.net;
+  Scratch& sc = op.sc;
   attach_slots(net, slots, optimizer, momentum);
   const Settings st{embedding, 0, optimizer, 1, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, lr, momentum, 0};
-  Scratch& sc = scratch;
-  Trainer trainer(net, layers, sc, st, members, Team::get().capacity(), nullptr);
+  Trainer trainer(net, op.layers, sc, st, op.members, Team::get().capacity(), nullptr);
   for (auto& tmp : sc.member_tmp) tmp.resize(std::max(net.d, 3 * net.total_h + net.in0));
   PD_CHECK(dense.numel() == net.dense_size, "dense gradient of ", dense.numel(), " values for ", net.dense_size);
   std::memcpy(sc.dense_grad.data(), dense.data<float>(), sizeof(float) * net.dense_size);

@@ -24,20 +24,25 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
-from cli_common import DataError, UsageParser  # noqa: E402
+from cli_common import DataError, UsageParser, run_main  # noqa: E402
+from paddlerec.files import atomic_file  # noqa: E402
 
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("SessionId", "ItemId", "Time")
 WRITE_SESSIONS = 200_000
+INT64_MAX = 2**63 - 1  # ids are held as int64
 
 
 def read_header(path: str) -> list[str]:
     """Column names of a TSV split; DataError when a required one is missing."""
     try:
-        with open(path, encoding="utf-8", newline=None) as stream:
-            header = stream.readline().rstrip("\n").split("\t")
+        # the first line only: decoding the whole first buffer would blame line 1 for a later byte
+        with open(path, "rb") as stream:
+            first = stream.readline(1 << 20)  # a header is short; a CR-only file has no \n at all
+        first = first.splitlines()[0] if first.strip() else b""
+        header = first.decode("utf-8-sig").split("\t")
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise DataError(f"cannot read the split ({exc.strerror})", path,
                         hint="pass a GRU4Rec TSV split such as rsc15_train_full.tsv") from None
@@ -82,6 +87,9 @@ def find_bad_line(path: str, n_columns: int, columns: tuple) -> tuple[int | None
             for name, value in (("SessionId", session), ("ItemId", item)):
                 if not (value.isascii() and value.isdigit()):
                     return line_no, f"{name} {value!r} is not a non-negative integer"
+                if int(value) > INT64_MAX:
+                    return line_no, (f"{name} {value} is larger than the largest id this pipeline "
+                                     f"holds ({INT64_MAX})")
             try:
                 float(moment)
             except ValueError:
@@ -125,22 +133,13 @@ def convert(tsv_path: str, out_path: str) -> tuple[int, int]:
     """
     session, item, time = read_split(tsv_path)
     items, lengths = session_order(session, item, time)
-    directory = os.path.dirname(out_path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    temp = f"{out_path}.tmp{os.getpid()}"
     ends = np.cumsum(lengths)
-    try:
-        with open(temp, "w", encoding="ascii", newline="\n") as out:
-            for first in range(0, len(lengths), WRITE_SESSIONS):
-                last = min(first + WRITE_SESSIONS, len(lengths))
-                begin = int(ends[first - 1]) if first else 0
-                out.write(format_sessions(items[begin:int(ends[last - 1])],
-                                          lengths[first:last]))
-        os.replace(temp, out_path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    with atomic_file(out_path, encoding="ascii", newline="\n") as out:
+        for first in range(0, len(lengths), WRITE_SESSIONS):
+            last = min(first + WRITE_SESSIONS, len(lengths))
+            begin = int(ends[first - 1]) if first else 0
+            out.write(format_sessions(items[begin:int(ends[last - 1])],
+                                      lengths[first:last]))
     log.info("%s: %d sessions, %d events → %s", tsv_path, len(lengths), len(items), out_path)
     return len(lengths), len(items)
 
@@ -170,4 +169,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

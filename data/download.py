@@ -37,7 +37,8 @@ import requests
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
-from cli_common import UsageParser  # noqa: E402
+from cli_common import UsageParser, run_main  # noqa: E402
+from paddlerec.files import atomic_paths  # noqa: E402
 
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,7 @@ def extract_clicks(archive: str, dest: str, member: str = CLICKS_MEMBER) -> str:
                             f"7-Zip, which is not installed; install it (apt-get install "
                             f"p7zip-full) and rerun, or run: 7z e {archive} {member} "
                             f"and then: sh data_prepare.sh --raw PATH/{member}")
-    temp = dest + ".part"
-    try:
+    with atomic_paths(dest) as (temp,):
         with open(temp, "wb") as stream:
             result = subprocess.run([tool, "e", "-so", archive, member], stdout=stream,
                                     stderr=subprocess.PIPE, text=True)
@@ -263,10 +263,6 @@ def extract_clicks(archive: str, dest: str, member: str = CLICKS_MEMBER) -> str:
                                 f"{archive} ({detail[-1] if detail else 'no output'}); "
                                 f"extract it by hand and run: sh data_prepare.sh --raw "
                                 f"PATH/{member}")
-        os.replace(temp, dest)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
     log.info("extracted %s", dest)
     return dest
 
@@ -318,4 +314,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

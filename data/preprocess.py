@@ -43,7 +43,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
-from cli_common import DataError, UsageParser  # noqa: E402
+from cli_common import DataError, UsageParser, run_main  # noqa: E402
+from paddlerec.files import atomic_paths  # noqa: E402
 
 
 log = logging.getLogger(__name__)
@@ -137,12 +138,14 @@ def parse_row(raw: bytes) -> tuple[int, int, int]:
         raise RowError(f"expected 4 comma-separated fields "
                        f"(SessionID,Timestamp,ItemID,Category), found {len(fields)}")
     session, stamp, item, _category = fields
-    if not _INT_RE.match(session):
-        hint = " (a header line?)" if session.strip().isalpha() else ""
-        raise RowError(f"session id {_show(session)} is not a non-negative "
-                       f"integer{hint}")
-    if not _INT_RE.match(item):
-        raise RowError(f"item id {_show(item)} is not a non-negative integer")
+    for name, value in (("session id", session), ("item id", item)):
+        if _INT_RE.match(value):
+            continue
+        if value.isdigit():  # reported as written, not as what an int64 would make of it
+            raise RowError(f"{name} {value.decode('ascii')} has more than {MAX_ID_DIGITS} digits, "
+                           f"more than this pipeline holds")
+        hint = " (a header line?)" if name == "session id" and value.strip().isalpha() else ""
+        raise RowError(f"{name} {_show(value)} is not a non-negative integer{hint}")
     return int(session), parse_timestamp(stamp), int(item)
 
 
@@ -296,14 +299,21 @@ def parse_block(block: bytes, first_line: int, malformed: Malformed,
 def iter_blocks(stream, block_bytes: int):
     """Yield (first_line_number, bytes) pieces of a binary stream cut at newlines.
 
-    A final line without a newline gets one, so every piece ends with b"\\n".
+    A final line without a newline gets one, so every piece ends with b"\\n". A file whose
+    lines end in a lone b"\\r" (old Mac tools) is read as if they ended in b"\\n": otherwise it
+    would be one line, and every click a malformed row.
     """
     carry = b""
     line_no = 1
+    cr_only = None  # decided on the first block
     while True:
         chunk = stream.read(block_bytes)
         if not chunk:
             break
+        if cr_only is None:
+            cr_only = b"\r" in chunk and b"\n" not in chunk
+        if cr_only:
+            chunk = chunk.replace(b"\r", b"\n")
         chunk = carry + chunk if carry else chunk
         cut = chunk.rfind(b"\n") + 1
         if cut == 0:
@@ -493,23 +503,12 @@ def split_paths(out_prefix: str) -> dict:
     return {name: f"{out_prefix}_{name}.tsv" for name in SPLIT_NAMES}
 
 
-def _temp_name(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
-
-
 def _write_outputs_atomically(paths: dict, splits: dict) -> None:
-    """Write all splits under temporary names, then rename them into place."""
-    temps = {name: _temp_name(path) for name, path in paths.items()}
-    try:
-        for name in SPLIT_NAMES:
-            write_tsv(temps[name], splits[name])
+    """Write all splits under hidden temporary names, then rename them into place (all or none)."""
+    with atomic_paths(*(paths[name] for name in SPLIT_NAMES)) as temps:
+        for name, temp in zip(SPLIT_NAMES, temps):
+            write_tsv(temp, splits[name])
             log.info("wrote %s (%d rows)", paths[name], len(splits[name]))
-        for name in SPLIT_NAMES:
-            os.replace(temps[name], paths[name])
-    finally:
-        for temp in temps.values():
-            if os.path.exists(temp):
-                os.remove(temp)
 
 
 # --------------------------------------------------------------------------
@@ -623,4 +622,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,7 +25,9 @@ import sys
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # data/ is not a package
-from cli_common import DataError, UsageParser  # noqa: E402
+from cli_common import DataError, UsageParser, run_main  # noqa: E402
+from paddlerec import yamlfile  # noqa: E402
+from paddlerec.files import atomic_files, temporary_name, write_text  # noqa: E402
 
 
 log = logging.getLogger(__name__)
@@ -96,43 +98,11 @@ def map_test(test_path: str, vocab: dict, out_stream) -> dict:
     return counts
 
 
-class AtomicOutputs:
-    """Files written under temporary names and renamed together on success.
-
-    Leaving the block by an exception removes the temporaries, so a failed run
-    leaves no partial output under a final name.
-    """
-
-    def __init__(self, *paths: str):
-        self.paths = paths
-        self.temps = [f"{path}.tmp{os.getpid()}" for path in paths]
-        self.streams = []
-
-    def __enter__(self):
-        for path, temp in zip(self.paths, self.temps):
-            directory = os.path.dirname(path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            self.streams.append(open(temp, "w", encoding="ascii", newline="\n"))
-        return self.streams
-
-    def __exit__(self, exc_type, exc, tb):
-        for stream in self.streams:
-            stream.close()
-        if exc_type is None:
-            for path, temp in zip(self.paths, self.temps):
-                os.replace(temp, path)
-        for temp in self.temps:
-            if os.path.exists(temp):
-                os.remove(temp)
-        return False
-
-
 def build(train_path: str, test_path: str, vocab_path: str,
           train_out: str, test_out: str) -> dict:
     """Vocabulary from train, both files mapped; returns the counts it logged."""
-    with AtomicOutputs(vocab_path, train_out, test_out) as (vocab_stream, train_stream,
-                                                           test_stream):
+    with atomic_files(vocab_path, train_out, test_out, encoding="ascii",
+                      newline="\n") as (vocab_stream, train_stream, test_stream):
         vocab, sessions, events = map_train(train_path, train_stream)
         if not vocab:
             raise DataError("the training file has no sessions", train_path,
@@ -168,15 +138,12 @@ def _replace_output_prefix(value, out_dir: str):
 def load_yaml_config(path: str) -> dict:
     """The repository config as a dict; DataError (with line) when unreadable."""
     try:
-        with open(path, encoding="utf-8") as stream:
-            config = yaml.safe_load(stream)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise DataError(f"cannot read the config ({exc.strerror})", path,
+        config = yamlfile.load_file(path)
+    except OSError as exc:
+        raise DataError(f"cannot read the config ({exc.strerror or exc})", path,
                         hint="pass the repository's config.yaml") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise DataError(f"invalid YAML ({getattr(exc, 'problem', None) or exc})", path,
-                        mark.line + 1 if mark else None, hint="fix the file") from None
+    except yamlfile.YamlProblem as exc:
+        raise DataError(str(exc), path, exc.line) from None
     if not isinstance(config, dict):
         raise DataError("config is not a YAML mapping", path, hint="pass the repository's config.yaml")
     for key in ("dataset", "runner"):
@@ -247,22 +214,51 @@ def _add_tuning(config: dict, out_dir: str, datasets: dict, path: str) -> None:
     config["runner"] = [e for e in config["runner"] if e.get("name") != "tune_runner"] + [runner]
 
 
-def write_config(repo_config: str, out_dir: str, workspace: str | None = None) -> str:
-    """Write ``<out_dir>/config.yaml`` derived from `repo_config`; returns its path.
+def config_text(repo_config: str, out_dir: str, workspace: str | None = None) -> str:
+    """The text of ``<out_dir>/config.yaml`` derived from `repo_config`, validated as
+    ``paddlerec.run`` will validate it (except that the data files need not exist yet);
+    DataError naming the key otherwise.
 
     `workspace` defaults to the directory holding `repo_config` (the repository).
     """
     config = load_yaml_config(repo_config)
     workspace = workspace or os.path.dirname(os.path.abspath(repo_config))
     config = make_config(config, out_dir, workspace, repo_config)
-    target = os.path.join(out_dir, "config.yaml")
     text = (f"# Written by data/text2paddle.py --write-config from {os.path.abspath(repo_config)}\n"
             "# for the data in this folder; regenerate it rather than editing it.\n"
             + yaml.safe_dump(config, sort_keys=False, default_flow_style=False,
                              allow_unicode=True))
-    with AtomicOutputs(target) as (stream,):
-        stream.write(text)
-    log.info("config: %s (workspace %s)", target, config["workspace"])
+    check_config_text(text, out_dir, repo_config)
+    return text
+
+
+def check_config_text(text: str, out_dir: str, repo_config: str) -> None:
+    """DataError unless `text`, saved as ``<out_dir>/config.yaml``, passes paddlerec's validation."""
+    from paddlerec.config import load_config
+    from paddlerec.errors import ConfigError
+
+    os.makedirs(out_dir, exist_ok=True)
+    # checked where it will live (relative paths in it resolve against out_dir), under a hidden
+    # name that nothing reads as a config
+    probe = temporary_name(os.path.join(out_dir, "config.yaml"))
+    try:
+        with open(probe, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        load_config(probe, check_files=False)
+    except ConfigError as exc:
+        raise DataError(f"the adapted config would not run ({exc})", repo_config,
+                        hint="fix it, or pass another with --config") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
+def write_config(repo_config: str, out_dir: str, workspace: str | None = None) -> str:
+    """Write ``<out_dir>/config.yaml`` derived from `repo_config`; returns its path."""
+    text = config_text(repo_config, out_dir, workspace)
+    target = os.path.join(out_dir, "config.yaml")
+    write_text(target, text)
+    log.info("config: %s", target)
     return target
 
 
@@ -277,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", help="test sessions (original ids, one per line)")
     parser.add_argument("--write-config", metavar="REPO_CONFIG",
                         help="also write OUT/config.yaml from this config.yaml")
+    parser.add_argument("--check-config", metavar="REPO_CONFIG",
+                        help="only check that the config written from REPO_CONFIG would run "
+                             "(data_prepare.sh does it before any data work)")
     parser.add_argument("--workspace",
                         help="workspace for the written config (default: the folder of "
                              "REPO_CONFIG)")
@@ -290,6 +289,17 @@ def main(argv=None) -> int:
     if (args.train is None) != (args.test is None):
         print("error: --train and --test go together; pass both", file=sys.stderr)
         return 2
+    if args.check_config is not None:
+        try:
+            config_text(args.check_config, args.out_dir, args.workspace)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {exc.strerror or exc}, {exc.filename or args.out_dir}; "
+                  "check the output folder", file=sys.stderr)
+            return 1
+        return 0
     if args.train is None and args.write_config is None:
         print("error: nothing to do; pass --train and --test, and/or --write-config",
               file=sys.stderr)
@@ -313,4 +323,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

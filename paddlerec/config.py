@@ -7,12 +7,10 @@ only the model knows which keys it takes.
 """
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
-import yaml
-
+from . import yamlfile
 from .errors import ConfigError
 from .params import Param, check_value, unknown_key_error, validate_section
 from .registry import RUNNER_CLASSES
@@ -22,7 +20,7 @@ LIST_SECTIONS = ("dataset", "runner", "phase")
 
 DATASET_PARAMS = (
     Param("name", "str", help="name that phases refer to in `dataset_name`"),
-    Param("batch_size", "int", min=1, help="sessions played in parallel (mini-batch rows)"),
+    Param("batch_size", "int", min=1, max=100_000, help="sessions played in parallel (mini-batch rows)"),
     Param("type", "str", "DataLoader", choices=("DataLoader", "QueueDataset"),
           help="kept from PaddleRec 1.x; both read the files the same way, in this process"),
     Param("data_path", "path", help="a session file, or a folder of them (hidden files and sub-folders are skipped)"),
@@ -80,15 +78,6 @@ class Config:
         return self.datasets[self.phases[phase_name]["dataset_name"]]
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a number: PyYAML follows YAML 1.1, where only
-    `1.0e-3` is a float and `1e-3` a string, which no one writing a learning rate expects."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
 def resolve_config_path(path: str) -> str:
     """`-m` takes a YAML file or a folder holding config.yaml."""
     if os.path.isdir(path):
@@ -102,16 +91,14 @@ def resolve_config_path(path: str) -> str:
 
 
 def read_yaml(path: str) -> dict:
+    """The config file's top-level mapping (see paddlerec/yamlfile.py for what is refused)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.load(f, Loader=_YamlLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else path
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError("", f"{where}: YAML syntax error: {problem}; fix the file") from None
+        raw = yamlfile.load_file(path)
+    except yamlfile.YamlProblem as exc:
+        where = f"{path}:{exc.line}" if exc.line is not None else path
+        raise ConfigError("", f"{where}: {exc}") from None
     except OSError as exc:
-        raise ConfigError("-m", f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError("-m", f"cannot read {path}: {exc.strerror or exc}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -126,8 +113,10 @@ def apply_override(raw: dict, text: str) -> None:
     key, _, value_text = text.partition("=")
     key = key.strip()
     try:
-        value = yaml.load(value_text, Loader=_YamlLoader) if value_text.strip() else ""
-    except yaml.YAMLError:
+        value = yamlfile.load_text(value_text) if value_text.strip() else ""
+    except yamlfile.YamlProblem as exc:
+        if "syntax error" not in str(exc):
+            raise ConfigError(key, f"-o value {value_text!r}: {exc}") from None
         value = None
         if "{workspace}" not in value_text:
             raise ConfigError(key, f"-o value {value_text!r} is not valid YAML") from None

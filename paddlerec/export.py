@@ -35,7 +35,7 @@ from typing import List, Optional
 import numpy as np
 
 from .errors import CheckpointError, PluginError, UserError
-from .files import atomic_folder, save_error
+from .files import atomic_folder, file_digest, save_error
 from .vocab import read_vocab
 
 log = logging.getLogger(__name__)
@@ -200,16 +200,6 @@ def data_fingerprint(data):
         digest.update("\n".join(data.labels).encode("utf-8"))
     description["sha256"] = digest.hexdigest()
     return description
-
-
-def file_digest(path):
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def write_json(path, value):

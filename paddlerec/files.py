@@ -13,6 +13,7 @@ Only the standard library: the data/ scripts use this module and must start fast
 """
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,14 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # killed process left
 _TEMP_FILE = re.compile(r"^.+\.tmp-(\d+)(\.[A-Za-z0-9]+)?$")
 _TEMP_FOLDER = re.compile(r"^\.tmp-.+-(\d+)$")
+# what the data scripts wrote before they used this module: `train.txt.tmp1234`
+_LEGACY_TEMP_FILE = re.compile(r"^.+\.tmp(\d+)$")
+
+
+def looks_temporary(name):
+    """True for a file name a writer uses while the file is incomplete, whether or not the writer
+    still runs (a reader must never load one: rsc15_reader skips them)."""
+    return bool(_TEMP_FILE.match(name) or _LEGACY_TEMP_FILE.match(name))
 
 
 def temporary_name(path):
@@ -62,7 +71,7 @@ def remove_stale_temporaries(folder):
         return []
     removed = []
     for name in names:
-        match = _TEMP_FILE.match(name) or _TEMP_FOLDER.match(name)
+        match = _TEMP_FILE.match(name) or _LEGACY_TEMP_FILE.match(name) or _TEMP_FOLDER.match(name)
         if not match or not _process_is_gone(int(match.group(1))):
             continue
         path = os.path.join(folder, name)
@@ -78,7 +87,7 @@ def remove_stale_temporaries(folder):
 def _remove(path):
     try:
         os.remove(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # never created
         pass
     except OSError as exc:  # raising here would hide the error that brought us here
         log.warning("cannot remove the temporary file %s: %s", path, exc.strerror or exc)
@@ -126,6 +135,17 @@ def write_text(path, text):
 
 def write_json(path, value):
     write_text(path, json.dumps(value, indent=1, sort_keys=True))
+
+
+def file_digest(path):
+    """{"bytes": size, "sha256": hex digest} of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def _fsync_file(path):

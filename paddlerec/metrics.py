@@ -17,9 +17,12 @@ Counts are exact integers where they can be; the sums of reciprocals are float64
 import csv
 import io
 import json
+import logging
 import math
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 RANK_KEYS = ("recall", "mrr", "ndcg")
 LIST_KEYS = ("coverage", "popularity")
@@ -70,7 +73,11 @@ class RankMetrics:
             self.gain[c] += float((1.0 / np.log2(inside + 1.0)).sum())
 
     def result(self):
-        """{"recall@K", "mrr@K", "ndcg@K" for every K, "targets": n}: fractions of all targets."""
+        """{"recall@K", "mrr@K", "ndcg@K" for every K, "targets": n}: fractions of all targets.
+        With no target at all they are 0 and mean nothing: said so by a warning."""
+        if not self.targets:
+            log.warning("the evaluation had 0 targets (no session with 2+ clicks on items the model knows), so its "
+                        "metrics mean nothing; check the evaluation data and its vocab")
         n = max(self.targets, 1)
         out = {}
         for c in self.cutoffs:

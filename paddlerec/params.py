@@ -12,6 +12,7 @@ Dotted names ("optimizer.learning_rate") declare nested mappings in the YAML:
 """
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -75,13 +76,22 @@ def _is_number(value):
     return (isinstance(value, (int, float))) and not isinstance(value, bool)
 
 
+# numpy and Paddle hold ints in int64: a larger one ends in an OverflowError deep inside them, so an int
+# setting with no tighter declared bound is held to this one.
+INT64_MAX = 2**63 - 1
+
+
 def _check_bounds(param, value, key):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
     if param.min is not None and value < param.min:
         raise ConfigError(key, f"must be >= {param.min}, got {value!r}")
     if param.max is not None and value > param.max:
         raise ConfigError(key, f"must be <= {param.max}, got {value!r}")
     if param.gt is not None and not value > param.gt:
         raise ConfigError(key, f"must be > {param.gt}, got {value!r}")
+    if _is_int(value) and param.max is None and abs(value) > INT64_MAX:
+        raise ConfigError(key, f"must be <= {INT64_MAX} in size (a 64-bit integer), got {value!r}")
 
 
 def check_value(param: Param, value: Any, key: str) -> Any:
@@ -95,7 +105,10 @@ def check_value(param: Param, value: Any, key: str) -> Any:
     elif kind == "float":
         if not _is_number(value):
             raise ConfigError(key, f"expected a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(key, f"{value!r} is too large for a float") from None
         _check_bounds(param, value, key)
     elif kind == "bool":
         if not isinstance(value, bool):

@@ -100,7 +100,7 @@ SERVE_PARAMS = (
     Param("max_state_mb", "float", 256.0, gt=0.0,
           help="memory for the kept hidden states (sum(layers) floats each); caps max_sessions"),
     Param("max_batch", "int", 1024, min=1, help="clicks one /batch request may hold"),
-    Param("threads", "int", 1, min=1, help="CPU threads of the predictor"),
+    Param("threads", "int", 1, min=1, max=256, help="CPU threads of the predictor"),
 )
 
 # Distributed training (paddlerec/launch.py, paddlerec/worker.py): the train keys plus how to run the workers.
@@ -120,7 +120,7 @@ DISTRIBUTED_PARAMS = (
 )
 
 LOCAL_CLUSTER_TRAIN_PARAMS = TRAIN_PARAMS + (
-    Param("worker_num", "int", 2, min=1,
+    Param("worker_num", "int", 2, min=1, max=256,
           help="worker processes on this machine; each trains its share of the sessions with batch_size rows"),
 ) + DISTRIBUTED_PARAMS
 
@@ -132,7 +132,7 @@ CLUSTER_TRAIN_PARAMS = TRAIN_PARAMS + (
     Param("node_rank", "int", -1, min=-1,
           help="this machine's number, 0..nnodes-1 (worker 0, which saves, runs on node 0); -1: PADDLE_RANK, "
                "else in order of arrival"),
-    Param("nproc_per_node", "int", 0, min=0, help="worker processes on each machine; 0: PADDLE_NPROC_PER_NODE, else 1"),
+    Param("nproc_per_node", "int", 0, min=0, max=256, help="worker processes on each machine; 0: PADDLE_NPROC_PER_NODE, else 1"),
     Param("host", "str", "",
           help="this machine's address as the others reach it; empty: POD_IP, else what its hostname resolves to"),
 ) + DISTRIBUTED_PARAMS

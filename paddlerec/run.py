@@ -1,7 +1,7 @@
 """`python -m paddlerec.run -m config.yaml [-o KEY=VALUE ...]`: run the runners named in `mode`.
 
 Exit codes: 0 done; 2 invalid config or input (one line on stderr, no traceback);
-1 a run that failed (NaN loss, disk full, ...); 130 interrupted.
+1 a run that failed (NaN loss, disk full, ...); 130 interrupted (Ctrl-C); 143 stopped by SIGTERM.
 """
 
 import argparse
@@ -14,6 +14,7 @@ import warnings
 from . import logs
 from .config import cpu_threads, load_config, used_phases
 from .errors import UserError
+from .termination import Terminated, newest_checkpoints, sigterm_raises
 
 
 def parse_args(argv):
@@ -73,6 +74,7 @@ def main(argv=None):
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    config = None
     try:
         config = load_config(args.model, args.override)
         set_threads(config)
@@ -83,9 +85,14 @@ def main(argv=None):
         from .summary import summary_lines
 
         ctx = RunContext(config, show_progress=not args.no_progress)
-        run(ctx)
+        with sigterm_raises():  # after Paddle's import, which installs its own handler
+            run(ctx)
         for line in summary_lines(ctx):
             logs.results.info("%s", line)
+    except Terminated:
+        newest = newest_checkpoints(config) if config is not None else "none yet"
+        ending(args.log_file, f"terminated (SIGTERM); nothing is half-written; newest complete checkpoint: {newest}")
+        return Terminated.exit_code
     except UserError as exc:
         ending(args.log_file, f"{exc.prefix}: {exc}")
         return exc.exit_code

@@ -150,15 +150,16 @@ def test_sigkill_in_the_middle_of_a_save(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_moment(tmp_path):
+def test_sigkill_at_a_random_moment(tmp_path, test_seed):
     """Killed at a moment drawn at random once checkpoints are being written: whatever it hit
-    (training, paddle.save, meta.json, the rename, the curves), what is left is usable."""
+    (training, paddle.save, meta.json, the rename, the curves), what is left is usable.
+    A fresh seed each run (printed; TEST_SEED=N replays it): over many runs the kills cover
+    every part of the save."""
     make_workspace(tmp_path)
     proc, lines = start(["-m", str(tmp_path), "-o", "runner.train.epochs=200"], tmp_path)
     seen = []
     wait_for(proc, lines, r"saved checkpoint .*/1$", seen)
-    # a fresh draw each run: over many CI runs the kills cover every part of the save
-    time.sleep(float(np.random.default_rng().uniform(0.0, 1.5)))
+    time.sleep(float(np.random.default_rng(test_seed).uniform(0.0, 1.5)))
     assert sigkill(proc) == -signal.SIGKILL
     epochs = checkpoint_epochs(tmp_path / "ckpt")
     assert load_every_checkpoint(tmp_path / "ckpt") == epochs

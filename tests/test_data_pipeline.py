@@ -18,7 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, "data")
 SHARED_CANDIDATES = (
     os.path.normpath(os.path.join(REPO, "..", "shared", "data", "rsc15_sessionrec_100k")),
-    "/work/shared/data/rsc15_sessionrec_100k",
 )
 # The 100k TSVs hold Time 7200 s below true UTC (see their SOURCE.txt).
 RSC15_100K_TIME_OFFSET_MS = 7_200_000

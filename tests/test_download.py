@@ -242,11 +242,7 @@ def test_extract_clicks_uses_7zip_or_says_what_to_do(tmp_path, monkeypatch):
 def test_data_prepare_downloads_a_plain_clicks_url(server, tmp_path):
     httpd, base = server
     out = tmp_path / "out"
-    config = tmp_path / "config.yaml"
-    config.write_text("workspace: .\n"
-                      "dataset:\n- {name: dataset_train, data_path: x, vocab_path: ''}\n"
-                      "- {name: dataset_infer, data_path: y, vocab_path: ''}\n"
-                      "runner:\n- {name: r, save_checkpoint_path: '{workspace}/output/c'}\n")
+    config = os.path.join(REPO, "config.yaml")  # data_prepare.sh checks it would run before any work
     command = ["sh", os.path.join(REPO, "data_prepare.sh"), "--url",
                f"{base}/yoochoose-clicks.dat", "--out", str(out), "--config", str(config)]
     env = dict(os.environ, PYTHON=sys.executable)
