@@ -92,12 +92,14 @@ inline void cpu_relax() {
 #endif
 }
 
-// Helper threads for the whole process, started on first use. A job is a number of tasks that
-// threads claim one at a time from a shared counter; the caller claims too. A helper that is
-// not running (the machine is busy) simply claims nothing, and the caller waits only for tasks
-// already claimed — never for a thread to wake up. Between jobs helpers spin for a short while
-// (a step has several parallel phases a few microseconds apart; waking a parked thread costs
-// tens of microseconds), then park on a condition variable.
+// Helper threads for the whole process, started on first use. A job is a number of tasks; each
+// thread owns a contiguous share of them (the same share in consecutive phases of a step, so the
+// rows a thread wrote tend to stay in its cache) and claims its tasks one at a time from the
+// front of its share, then from the other shares. A helper that is not running (the machine is
+// busy) simply claims nothing, and the caller waits only for tasks already claimed — never for a
+// thread to wake up. Between jobs helpers spin for a short while (a step has several parallel
+// phases a few microseconds apart; waking a parked thread costs tens of microseconds), then park
+// on a condition variable.
 class Team {
  public:
   static Team& get() {
@@ -121,18 +123,21 @@ class Team {
   // member 0); returns when all tasks are done
   void run(int members, int64_t tasks, const std::function<void(int64_t, int)>& work) {
     std::lock_guard<std::mutex> one_caller(caller_);
+    members = std::min(members, kMaxThreads);
     const uint64_t job = generation_.load(std::memory_order_relaxed) + 1;
     work_ = &work;
-    tasks_.store(tasks, std::memory_order_relaxed);
     members_.store(members, std::memory_order_relaxed);
     finished_.store(0, std::memory_order_relaxed);
-    claim_.store(job << 32, std::memory_order_release);
+    for (int m = 0; m < members; ++m) {
+      shares_[m].end.store(tasks * (m + 1) / members, std::memory_order_relaxed);
+      shares_[m].claim.store((job << 32) | (uint64_t)(tasks * m / members), std::memory_order_release);
+    }
     generation_.store(job, std::memory_order_release);
     if (parked_.load(std::memory_order_acquire) > 0) {
       { std::lock_guard<std::mutex> lock(m_); }  // a helper between its check and its wait sees the change
       wake_.notify_all();
     }
-    const int64_t mine = drain(job, 0);
+    const int64_t mine = drain(job, 0, members);
     for (int spins = 0; finished_.load(std::memory_order_acquire) + mine < tasks; ++spins) {
       if (spins < 4096)
         cpu_relax();
@@ -142,17 +147,27 @@ class Team {
   }
 
  private:
-  // claim and run tasks of `job` until none is left; returns how many this thread ran
-  int64_t drain(uint64_t job, int member) {
+  // One thread's share of a job: tasks claim .. end (the claim word carries the job's number).
+  struct alignas(64) Share {
+    std::atomic<uint64_t> claim{0};  // (job << 32) | next unclaimed task
+    std::atomic<int64_t> end{0};
+  };
+
+  // claim and run tasks of `job`, own share first, until none is left; returns how many ran here
+  int64_t drain(uint64_t job, int member, int members) {
     int64_t ran = 0;
-    for (;;) {
-      uint64_t c = claim_.load(std::memory_order_acquire);
-      if ((c >> 32) != job || (int64_t)(c & 0xffffffffu) >= tasks_.load(std::memory_order_relaxed)) break;
-      // a successful claim of an unclaimed task of `job` proves the job is still running: work_
-      // is its function (a stale tasks_ read only lets a claim be tried, which then fails)
-      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
-      (*work_)((int64_t)(c & 0xffffffffu), member);
-      ++ran;
+    for (int k = 0; k < members; ++k) {
+      Share& share = shares_[(member + k) % members];
+      for (;;) {
+        uint64_t c = share.claim.load(std::memory_order_acquire);
+        // another job's share (a stale `members`), or this share is used up
+        if ((c >> 32) != job || (int64_t)(c & 0xffffffffu) >= share.end.load(std::memory_order_relaxed)) break;
+        // a successful claim of an unclaimed task of `job` proves the job is still running: work_
+        // is its function (a stale `end` read only lets a claim be tried, which then fails)
+        if (!share.claim.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
+        (*work_)((int64_t)(c & 0xffffffffu), member);
+        ++ran;
+      }
     }
     return ran;
   }
@@ -172,8 +187,9 @@ class Team {
         }
       }
       seen = now;
-      if (id < members_.load(std::memory_order_relaxed)) {
-        const int64_t ran = drain(now, id);
+      const int members = members_.load(std::memory_order_relaxed);
+      if (id < members) {
+        const int64_t ran = drain(now, id, members);
         if (ran) finished_.fetch_add(ran, std::memory_order_acq_rel);
       }
     }
@@ -181,12 +197,12 @@ class Team {
   std::mutex caller_, m_;
   std::condition_variable wake_;
   const std::function<void(int64_t, int)>* work_ = nullptr;
-  std::atomic<int64_t> tasks_{0};
   std::atomic<int> members_{0};
   int started_ = 0;
-  std::atomic<uint64_t> generation_{0}, claim_{0};
-  std::atomic<int64_t> finished_{0};
+  alignas(64) std::atomic<uint64_t> generation_{0};
+  alignas(64) std::atomic<int64_t> finished_{0};
   std::atomic<int> parked_{0};
+  Share shares_[kMaxThreads];
 };
 
 // task(t, member) for t in [0, tasks) on up to `members` threads; member < Team capacity()
