@@ -113,7 +113,9 @@ def full_shape_worker(config_path, steps):
     done_steps = done_events = 0
     warmup = 20
     started = None
-    for batch in rsc15_reader.chunk_steps(rsc15_reader.session_parallel_steps(sessions, batch_size, False), 16):
+    steps_per_call = rsc15_reader.Reader.STEPS_PER_BATCH  # as the train runner hands them to the model
+    for batch in rsc15_reader.chunk_steps(rsc15_reader.session_parallel_steps(sessions, batch_size, False),
+                                          steps_per_call):
         model.train_step(batch, batch_size)
         done_steps += batch.n_steps
         if started is None and done_steps >= warmup:
