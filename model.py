@@ -760,6 +760,9 @@ class FusedStep:
             elu=float(hp["elu_param"]), lr=float(opt.lr), momentum=float(opt.momentum),
             seed=int(model.step_rng.integers(0, 2 ** 62))))
 
+    # no_grad: the operators do their own backward pass; recording them for Paddle's autograd
+    # costs some 6 ms per call (measured: 7% of an epoch at 64 steps per call)
+    @paddle.no_grad()
     def train(self, batch, samples, batch_size):
         if self.model.grad_reducer is not None:
             return self.train_combined(batch, samples, batch_size)
@@ -771,6 +774,7 @@ class FusedStep:
             self.log_support, *self.train_attributes(batch_size))
         return losses.numpy().astype(np.float64)
 
+    @paddle.no_grad()
     def train_combined(self, batch, samples, batch_size):
         """Step by step: gradients, model.grad_reducer (distributed training combines the workers'
         gradients there: {name: Tensor} dense, {name: (rows, Tensor)} row-sparse, as ReferenceStep
@@ -817,6 +821,7 @@ class FusedStep:
             model.hidden = hidden
         return losses
 
+    @paddle.no_grad()
     def evaluate(self, batch, topk, tie_mode):
         net = self.model.network
         if self.score_mask is None:
