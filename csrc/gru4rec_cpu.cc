@@ -882,26 +882,32 @@ struct Trainer {
     });
     sum_parts(sc.dense_tiles.data(), row_tiles, G, sc.dense_grad.data());
 
-    // ---- the item-indexed gradients: sources in a fixed order (columns, then inputs) ----
-    for (int64_t j = 0; j < cols; ++j) {
-      sc.item_emb.add(sc.cols[j], &sc.d_out_rows[j * d]);
-      sc.item_bias.add(sc.cols[j], &sc.d_bias[j]);
-    }
-    if (net.one_hot) {
-      const int h3 = 3 * layers[0].h;
-      for (int i = 0; i < n; ++i) sc.input_emb.add(x_ids[i], &layers[0].dgi[(int64_t)i * h3]);
-    } else {
-      SparseRows& table = net.separate ? sc.input_emb : sc.item_emb;
-      for (int i = 0; i < n; ++i) table.add(x_ids[i], &layers[0].d_in[(int64_t)i * in0]);
-    }
-    for (SparseRows* table : sparse_tables()) table->finish();
+    // ---- the item-indexed gradients: sources in a fixed order (columns, then inputs), one
+    // table per task ----
+    std::vector<SparseRows*> tables = sparse_tables();
+    parallel_for(members, (int64_t)tables.size(), [&](int64_t k, int) {
+      SparseRows& table = *tables[k];
+      if (&table == &sc.item_emb)
+        for (int64_t j = 0; j < cols; ++j) table.add(sc.cols[j], &sc.d_out_rows[j * d]);
+      if (&table == &sc.item_bias)
+        for (int64_t j = 0; j < cols; ++j) table.add(sc.cols[j], &sc.d_bias[j]);
+      const bool inputs_here = net.one_hot || net.separate ? &table == &sc.input_emb : &table == &sc.item_emb;
+      if (inputs_here && net.one_hot) {
+        const int h3 = 3 * layers[0].h;
+        for (int i = 0; i < n; ++i) table.add(x_ids[i], &layers[0].dgi[(int64_t)i * h3]);
+      } else if (inputs_here) {
+        for (int i = 0; i < n; ++i) table.add(x_ids[i], &layers[0].d_in[(int64_t)i * in0]);
+      }
+      table.finish();
+    });
     return loss;
   }
 
   // parts: `count` arrays of `size` floats; out = their sum, added in array order (chunks in parallel)
   void sum_parts(const float* parts, int64_t count, int64_t size, float* out) {
     const int64_t chunks = (size + kChunk - 1) / kChunk;
-    parallel_for(members, chunks, [&](int64_t c, int) {
+    // small sums stay on this thread: spreading them costs more than it saves (measured)
+    parallel_for(count * size >= (int64_t)1 << 20 ? members : 1, chunks, [&](int64_t c, int) {
       const int64_t e0 = c * kChunk, e1 = std::min(size, e0 + kChunk);
       std::memcpy(out + e0, parts + e0, sizeof(float) * (e1 - e0));
       for (int64_t t = 1; t < count; ++t) {
