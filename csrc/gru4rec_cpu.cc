@@ -111,12 +111,23 @@ class Team {
   // start helpers so that `members` threads may share the next jobs
   void ensure(int members) {
     std::lock_guard<std::mutex> one_caller(caller_);
-    while (started_ < members - 1) {
+    while (started_ < members - 1 && !stopping_.load(std::memory_order_acquire)) {
       // a new thread waits for the job after the current one, however late it starts
       const int id = ++started_;
       const uint64_t current = generation_.load(std::memory_order_relaxed);
+      alive_.fetch_add(1, std::memory_order_acq_rel);
       std::thread([this, id, current] { loop(id, current); }).detach();
     }
+  }
+  // At exit (or when the library is unloaded): let the helpers leave their loops before this
+  // code goes away — a helper still spinning in unmapped code would crash the exiting process.
+  void shutdown() {
+    stopping_.store(true, std::memory_order_release);
+    { std::lock_guard<std::mutex> lock(m_); }
+    wake_.notify_all();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+    while (alive_.load(std::memory_order_acquire) > 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::yield();
   }
 
   // work(task, member) for every task in [0, tasks), on up to `members` threads (the caller is
@@ -177,10 +188,16 @@ class Team {
       uint64_t now;
       auto since = std::chrono::steady_clock::now();
       for (int spins = 1; (now = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
+        if (stopping_.load(std::memory_order_acquire)) {
+          alive_.fetch_sub(1, std::memory_order_acq_rel);
+          return;
+        }
         if (spins % 256 == 0 && std::chrono::steady_clock::now() - since > std::chrono::microseconds(200)) {
           std::unique_lock<std::mutex> lock(m_);
           parked_.fetch_add(1, std::memory_order_acq_rel);
-          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          wake_.wait(lock, [&] {
+            return generation_.load(std::memory_order_acquire) != seen || stopping_.load(std::memory_order_acquire);
+          });
           parked_.fetch_sub(1, std::memory_order_acq_rel);
         } else {
           cpu_relax();
@@ -201,9 +218,16 @@ class Team {
   int started_ = 0;
   alignas(64) std::atomic<uint64_t> generation_{0};
   alignas(64) std::atomic<int64_t> finished_{0};
-  std::atomic<int> parked_{0};
+  std::atomic<int> parked_{0}, alive_{0};
+  std::atomic<bool> stopping_{false};
   Share shares_[kMaxThreads];
 };
+
+// Its destructor runs at exit and when the library is unloaded (static objects of this library
+// are destroyed then), while the Team itself is never destroyed.
+struct TeamShutdown {
+  ~TeamShutdown() { Team::get().shutdown(); }
+} team_shutdown;
 
 // task(t, member) for t in [0, tasks) on up to `members` threads; member < Team capacity()
 template <class F>

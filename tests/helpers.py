@@ -202,3 +202,14 @@ def make_model(sessions, n_items=None, **values):
     n_items = n_items or int(sessions.items.max()) + 1
     support = np.bincount(sessions.items, minlength=n_items)
     return model_module.Model(hparams(**values), DataInfo(n_items=n_items, item_support=support))
+
+
+def train_small_model(folder):
+    """Train the small model of make_workspace (40 items, layers [12]) in this process: its
+    checkpoints 1 and 2 end up in `folder`/ckpt. Returns `folder`."""
+    from paddlerec.run import main
+
+    path = make_workspace(folder, vocab=True)
+    assert main(["-m", path, "--no-progress", "-q"]) == 0
+    assert checkpoint_epochs(folder / "ckpt") == [1, 2]
+    return folder

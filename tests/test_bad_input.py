@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from paddlerec.run import main
-from tests.helpers import (N_ITEMS, PYTHON, REPO, assert_one_clean_error, checkpoint_epochs, error_lines,
-                                  labels, leftovers, make_workspace, run_paddlerec, write_sessions)
+from tests.helpers import (N_ITEMS, PYTHON, REPO, assert_one_clean_error, checkpoint_epochs, error_lines, labels,
+                           leftovers, make_workspace, run_paddlerec, train_small_model, write_sessions)
 
 
 class InProcess:
@@ -48,11 +48,7 @@ def ws(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Checkpoints 1 and 2 of the small model (40 items, layers [12]), made in this process."""
-    folder = tmp_path_factory.mktemp("trained")
-    path = make_workspace(folder, vocab=True)
-    assert main(["-m", path, "--no-progress", "-q"]) == 0
-    assert checkpoint_epochs(folder / "ckpt") == [1, 2]
-    return folder
+    return train_small_model(tmp_path_factory.mktemp("trained"))
 
 
 def copy_checkpoints(trained, tmp_path):
@@ -280,7 +276,7 @@ def test_messy_but_valid_data_trains(tmp_path):
     assert "Traceback" not in proc.stderr
     assert f"{train}: skipped 3 hidden file(s) or sub-folder(s): .DS_Store, .b.txt.swp, backup" in proc.stderr
     assert f"WARNING {train}: ignored {n_single} session(s) shorter than 2 click(s)" in proc.stderr
-    assert f"epoch 1 done" in proc.stderr and f"events {expected_events}," in proc.stderr
+    assert "epoch 1 done" in proc.stderr and f"events {expected_events}," in proc.stderr
     assert checkpoint_epochs(tmp_path / "ckpt") == [1]
 
 

@@ -27,8 +27,8 @@ from paddlerec.errors import ConfigError, DataError
 from paddlerec.params import INT64_MAX, validate_section
 from paddlerec.registry import RUNNER_CLASSES
 from paddlerec.run import main
-from tests.helpers import (N_ITEMS, PYTHON, REPO, assert_one_clean_error, base_config, checkpoint_epochs,
-                                  entry, leftovers, make_workspace, write_config, write_sessions)
+from tests.helpers import (N_ITEMS, PYTHON, REPO, assert_one_clean_error, base_config, checkpoint_epochs, leftovers,
+                           make_workspace, train_small_model, write_config, write_sessions)
 
 DATA_DIR = os.path.join(REPO, "data")
 
@@ -290,12 +290,8 @@ def test_data_prepare_refuses_an_unwritable_out_before_any_work(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Checkpoints 1 and 2 of the small model, trained in this process."""
-    folder = tmp_path_factory.mktemp("trained")
-    path = make_workspace(folder, vocab=True)
-    assert main(["-m", path, "--no-progress", "-q"]) == 0
-    assert checkpoint_epochs(folder / "ckpt") == [1, 2]
-    return folder
+    """Checkpoints 1 and 2 of the small model (40 items, layers [12]), made in this process."""
+    return train_small_model(tmp_path_factory.mktemp("trained"))
 
 
 def rewrite_meta(path, change):
