@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -123,7 +124,10 @@ def write_export(root, epoch, model, topk, labels, training=None, data=None):
 def _save_program(model, path_prefix, topk):
     """The model's export (contract: Model.export) with the INPUTS interface; returns what
     io.json needs to know of the network (n_items, hidden_size, topk, layers, unseen_items)."""
-    description = model.export(path_prefix, topk)
+    with warnings.catch_warnings():
+        # Paddle 3.3's static conversion warns about its own tensors' `place` while tracing: noise to a user
+        warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface")
+        description = model.export(path_prefix, topk)
     if tuple(description.get("inputs", ())) != INPUTS:
         module = sys.modules.get(type(model).__module__)
         raise PluginError(f"{getattr(module, '__file__', type(model).__module__)}: Model.export must write a step "
