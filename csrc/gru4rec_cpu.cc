@@ -80,7 +80,7 @@ struct MklThreads {
 // change the rounding from run to run.)
 constexpr int kMaxThreads = 256;
 constexpr int64_t kColTile = 128;  // output columns (items) per tile
-constexpr int64_t kEvalRows = 16;  // evaluation rows per tile (scored against every item)
+constexpr int64_t kEvalRows = 64;  // evaluation rows per tile (scored against every item)
 constexpr int64_t kRowTile = 8;    // training rows per tile (forward and backward through the GRU)
 constexpr int64_t kChunk = 4096;   // elements per task of an elementwise (dense) update
 
