@@ -15,6 +15,7 @@ No backpropagation through time: a step only sees the hidden state handed over b
 previous step.
 """
 
+import heapq
 import logging
 import os
 import re
@@ -252,70 +253,155 @@ def concat_sessions(parts: List[Sessions]) -> Sessions:
     return Sessions(items, offsets)
 
 
-def session_parallel_steps(sessions: Sessions, batch_size: int, with_final: bool) -> Iterator[StepBatch]:
-    """Yield blocks of session-parallel steps; between blocks, slots switch sessions.
+# Slots are assigned to sessions in rounds of this many sessions, and a block holds about the
+# steps of one round: ~30k rows, so that a block's few dozen array operations cost little per step.
+SESSIONS_PER_ROUND = 8192
+# Once sessions run out, a block holds about this many (step, slot) cells.
+TAIL_BLOCK_CELLS = 32768
 
-    A block is the run of steps until the first slot's session ends (every slot stays on
-    its session for the whole block), so each block is built with a few array operations.
+
+def session_parallel_steps(sessions: Sessions, batch_size: int, with_final: bool) -> Iterator[StepBatch]:
+    """Yield blocks of session-parallel steps; a block ends at a step where some slot's session
+    ends (chunk_steps cuts batches only at such steps), slots may switch sessions inside a block.
+
+    Slot assignment runs ahead of the steps: a session takes the slot that frees first, the lowest
+    of those that free at the same step, which a heap of the slots' free steps gives at about
+    0.2 us a session. Each block's rows are then placed with array operations over the whole block.
     with_final: also play a session's last click, with target -1, so that the state after
     the whole session is available (for recommendations at evaluation time).
     """
     n_sessions = sessions.n_sessions
     if n_sessions == 0:
         return
-    offsets, items = sessions.offsets, sessions.items
     shortest = 1 if with_final else 2
     if sessions.lengths.min() < shortest:
         raise ValueError(f"sessions must hold at least {shortest} clicks here; drop shorter ones first")
+    session_steps = sessions.lengths - (0 if with_final else 1)  # int64 [n_sessions]: steps a session plays
     n_slots = min(batch_size, n_sessions)
-    slot_session = np.arange(n_slots, dtype=np.int64)
-    pos = offsets[slot_session].copy()  # index of each slot's current input click
-    end = offsets[slot_session + 1].copy()
-    next_session = n_slots
-    carry_first = np.full(n_slots, -1, dtype=np.int64)
-    extra = 1 if with_final else 0
-    while len(slot_session):
-        steps_left = end - pos - 1 + extra  # steps each slot can still play on its session
-        n_steps = int(steps_left.min())
-        n = len(slot_session)
-        idx = pos[None, :] + np.arange(n_steps, dtype=np.int64)[:, None]  # [n_steps, n]
-        inputs = items[idx]
-        has_next = idx + 1 < end[None, :]
-        targets = np.where(has_next, items[np.minimum(idx + 1, len(items) - 1)], -1)
-        carry = np.tile(np.arange(n, dtype=np.int64), (n_steps, 1))
-        carry[0] = carry_first
-        yield StepBatch(
-            step_offsets=np.arange(n_steps + 1, dtype=np.int64) * n,
-            inputs=inputs.reshape(-1), targets=targets.reshape(-1), carry=carry.reshape(-1),
-            sessions=np.tile(slot_session, n_steps))
-        pos += n_steps
-        finished = (end - pos - 1 + extra) <= 0
-        # finished slots take the next sessions, lowest slot first; the rest are dropped
-        finished_slots = np.flatnonzero(finished)
-        n_new = min(len(finished_slots), n_sessions - next_session)
-        refill = finished_slots[:n_new]
-        new_sessions = np.arange(next_session, next_session + n_new, dtype=np.int64)
-        next_session += n_new
-        slot_session[refill] = new_sessions
-        pos[refill] = offsets[new_sessions]
-        end[refill] = offsets[new_sessions + 1]
-        keep = ~finished
-        keep[refill] = True
-        kept = np.flatnonzero(keep)
-        carry_first = np.where(finished[kept], -1, kept)
-        slot_session, pos, end = slot_session[kept], pos[kept], end[kept]
+    # A session's place is the key start_step * n_slots + slot: key order is (step, slot) order, the
+    # order in which freed slots take new sessions. keys: int64 [hi - lo], of sessions lo .. hi-1,
+    # which hold every session that still plays at step `done` (the first step not yielded yet).
+    keys = np.arange(n_slots, dtype=np.int64)
+    free = (session_steps[:n_slots] * n_slots + keys).tolist()  # the key at which each slot frees
+    heapq.heapify(free)
+    replace = heapq.heapreplace  # a local name: it is called once per session
+    lo, hi, done = 0, n_slots, 0
+    while True:
+        if hi < n_sessions:
+            stop = min(hi + SESSIONS_PER_ROUND, n_sessions)
+            taken = [replace(free, free[0] + d) for d in (session_steps[hi:stop] * n_slots).tolist()]
+            keys = np.concatenate([keys, np.array(taken, dtype=np.int64)])
+            hi = stop
+            # the sessions not assigned yet start at the last assigned one's step or later, so every
+            # step before it has all its sessions
+            known_until = taken[-1] // n_slots
+        else:
+            known_until = free[0] // n_slots  # the first step at which a slot has no session left to take
+        start = keys // n_slots
+        slot = keys - start * n_slots
+        end = start + session_steps[lo:hi]
+        block_end = int(end[end <= known_until].max(initial=done))  # blocks end where a session ends
+        if block_end > done:
+            yield _full_steps(sessions, n_slots, done, block_end, start, slot, end, lo, with_final)
+            done = block_end
+        if hi == n_sessions:
+            break
+        finished = int(np.argmax(end > done))  # sessions lo .. lo+finished-1 have all been played
+        keys, lo = keys[finished:], lo + finished
+    # from here on every slot plays one session, its last, and is dropped when it ends
+    last = np.flatnonzero(end > done)
+    last = last[np.argsort(slot[last])]
+    yield from _tail_steps(sessions, done, start[last], end[last], lo + last, slot[last], with_final)
+
+
+def _full_steps(sessions, n_slots, first_step, stop_step, start, slot, end, first_session, with_final):
+    """Steps first_step .. stop_step-1, in which every slot plays: row = slot.
+
+    start, slot, end: int64 [n] of sessions first_session .. first_session+n-1 (they hold every
+    session playing in these steps), the session plays steps start .. end-1 on its slot."""
+    n_steps = stop_step - first_step
+    n_rows = n_steps * n_slots
+    skipped = np.maximum(first_step - start, 0)  # steps played before this block
+    count = np.maximum(np.minimum(end, stop_step) - start - skipped, 0)  # steps played in it
+    # the block's events session by session; event e is the session's (e - first_event)-th in the block
+    first_event = np.cumsum(count) - count
+    event = np.arange(n_rows, dtype=np.int64)
+    cell = np.repeat((start + skipped - first_step - first_event) * n_slots + slot, count) + event * n_slots
+    click = np.empty(n_rows, dtype=np.int64)  # [n_rows] in (step, slot) order, as everything below
+    click[cell] = np.repeat(sessions.offsets[first_session:first_session + len(start)] + skipped - first_event,
+                            count) + event
+    session = np.empty(n_rows, dtype=np.int64)
+    session[cell] = np.repeat(np.arange(first_session, first_session + len(start), dtype=np.int64), count)
+    carry = np.tile(np.arange(n_slots, dtype=np.int64), n_steps)
+    starting = (start >= first_step) & (start < stop_step)
+    carry[((start - first_step) * n_slots + slot)[starting]] = -1
+    targets = np.take(sessions.items, click + 1, mode="clip")  # clip: the data's last click has no next
+    if with_final:
+        ending = (end > first_step) & (end <= stop_step)
+        targets[((end - 1 - first_step) * n_slots + slot)[ending]] = -1
+    return StepBatch(step_offsets=np.arange(n_steps + 1, dtype=np.int64) * n_slots, inputs=sessions.items[click],
+                     targets=targets, carry=carry, sessions=session)
+
+
+def _tail_steps(sessions, first_step, start, end, session, slot, with_final):
+    """The steps from first_step on, when sessions have run out: each slot plays its last session
+    and is dropped when it ends; the remaining rows keep their (slot) order.
+
+    start, end, session, slot: int64 [n] of the sessions playing at first_step, in slot order.
+    Step first_step - 1 is the last in which every slot played (rows = slots)."""
+    block_ends = np.unique(end)
+    row_before = slot  # each column's row in the step before the block
+    click_at_zero = sessions.offsets[session] - start  # a session's click at step t: click_at_zero + t
+    step = first_step
+    while len(session):
+        span = max(1, TAIL_BLOCK_CELLS // len(session))
+        stop_step = int(block_ends[min(np.searchsorted(block_ends, step + span), len(block_ends) - 1)])
+        t = np.arange(step, stop_step, dtype=np.int64)[:, None]
+        playing = t < end  # [n_steps, n_columns], as the other 2-d arrays
+        step_offsets = np.zeros(len(t) + 1, dtype=np.int64)
+        np.cumsum(playing.sum(axis=1), out=step_offsets[1:])
+        row = np.cumsum(playing, axis=1) - 1
+        carry = np.where(t == start, -1, np.vstack([row_before[None, :], row[:-1]]))[playing]
+        click = (click_at_zero + t)[playing]
+        targets = np.take(sessions.items, click + 1, mode="clip")
+        if with_final:
+            targets[(t == end - 1)[playing]] = -1
+        yield StepBatch(step_offsets=step_offsets, inputs=sessions.items[click], targets=targets, carry=carry,
+                        sessions=np.broadcast_to(session, playing.shape)[playing])
+        kept = end > stop_step
+        row_before = row[-1][kept]
+        start, end, session, click_at_zero = start[kept], end[kept], session[kept], click_at_zero[kept]
+        step = stop_step
+
+
+def _session_ends(block: StepBatch) -> np.ndarray:
+    """int64, ascending: s + 1 for each step s of the block at which some slot's session ends, seen
+    as the next step continuing fewer rows than s has. The block's last step is one: blocks end
+    there (see session_parallel_steps)."""
+    rows = np.diff(block.step_offsets)
+    continued = np.add.reduceat(block.carry >= 0, block.step_offsets[:-1], dtype=np.int64)
+    return np.append(np.flatnonzero(continued[1:] < rows[:-1]) + 1, block.n_steps)
 
 
 def chunk_steps(blocks: Iterator[StepBatch], min_steps: int) -> Iterator[StepBatch]:
-    """Merge consecutive blocks into batches of at least `min_steps` steps (fewer calls per epoch)."""
+    """Cut and merge blocks into batches of at least `min_steps` steps (fewer calls per epoch).
+    A batch ends at the first step at which some slot's session ends once it holds min_steps
+    steps, so batches do not depend on how session_parallel_steps divides the steps into blocks."""
     pending: List[StepBatch] = []
     count = 0
     for block in blocks:
-        pending.append(block)
-        count += block.n_steps
-        if count >= min_steps:
-            yield merge(pending)
-            pending, count = [], 0
+        ends = _session_ends(block)
+        step = 0
+        while True:
+            i = int(np.searchsorted(ends, step + max(min_steps - count, 1)))  # min_steps < 1: every end
+            if i == len(ends):
+                break
+            stop = int(ends[i])
+            yield merge(pending + [block.part(step, stop)])
+            pending, count, step = [], 0, stop
+        if step < block.n_steps:
+            pending.append(block.part(step, block.n_steps))
+            count += block.n_steps - step
     if pending:
         yield merge(pending)
 

@@ -124,3 +124,65 @@ def test_evaluation_drops_unknown_items_and_keeps_line_numbers(tmp_path):
     # session 0 becomes [1, 2], session 1 vanishes, session 2 stays: line numbers are kept
     assert sorted(zip(owners, inputs, targets)) == [(0, 1, 2), (0, 2, -1), (2, 3, 4), (2, 4, -1)]
 
+
+
+def reference_batches(lists, batch_size, with_final, min_steps):
+    """The session-parallel schedule simulated step by step in plain Python, steps merged into
+    batches as chunk_steps does: a batch ends at the first step, once it holds min_steps steps,
+    at which some slot's session ends. Returns batches as lists of (input, target, carry, session)
+    rows per step."""
+    played = [len(clicks) - (0 if with_final else 1) for clicks in lists]
+    slots = [[s, 0, -1] for s in range(min(batch_size, len(lists)))]  # session, clicks played, carry
+    next_session = len(slots)
+    batches, batch = [], []
+    while slots:
+        rows = []
+        for row, (s, p, carry) in enumerate(slots):
+            clicks = lists[s]
+            rows.append((clicks[p], clicks[p + 1] if p + 1 < len(clicks) else -1, carry, s))
+        batch.append(rows)
+        continuing, session_ended = [], False
+        for row, (s, p, _) in enumerate(slots):
+            if p + 1 < played[s]:
+                continuing.append([s, p + 1, row])
+            else:
+                session_ended = True
+                if next_session < len(lists):  # lowest slot first: slots are visited in order
+                    continuing.append([next_session, 0, -1])
+                    next_session += 1
+        slots = continuing
+        if session_ended and (len(batch) >= min_steps or not slots):
+            batches.append(batch)
+            batch = []
+    return batches
+
+
+def as_rows(batch):
+    return [list(zip(*(a.tolist() for a in batch.step(s)))) for s in range(batch.n_steps)]
+
+
+def test_batches_match_a_step_by_step_simulation(monkeypatch):
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        with_final = bool(rng.integers(2))
+        shortest = 1 if with_final else 2
+        n_sessions = int(rng.integers(0, 60 if seed % 10 else 3000))
+        longest = int(rng.choice([shortest, 3, 6, 30]))
+        lists = [rng.integers(0, 1000, rng.integers(shortest, longest + 1)).tolist() for _ in range(n_sessions)]
+        batch_size = int(rng.integers(1, n_sessions + 4))
+        min_steps = int(rng.choice([1, 2, 7, 64]))
+        # small rounds and tail blocks, so that blocks end inside batches and batches span blocks
+        monkeypatch.setattr(rsc15_reader, "SESSIONS_PER_ROUND", int(rng.choice([1, 3, 8192])))
+        monkeypatch.setattr(rsc15_reader, "TAIL_BLOCK_CELLS", int(rng.choice([1, 5, 32768])))
+        case = f"seed {seed}: {n_sessions} sessions, batch_size {batch_size}, with_final {with_final}, " \
+               f"min_steps {min_steps}"
+        got = list(rsc15_reader.chunk_steps(
+            rsc15_reader.session_parallel_steps(sessions_of(lists), batch_size, with_final), min_steps))
+        expected = reference_batches(lists, batch_size, with_final, min_steps)
+        assert len(got) == len(expected), case
+        for i, (batch, steps) in enumerate(zip(got, expected)):
+            assert batch.step_offsets.tolist() == np.cumsum([0] + [len(rows) for rows in steps]).tolist(), \
+                f"{case}, batch {i}"
+            assert as_rows(batch) == steps, f"{case}, batch {i}"
+            for array in (batch.step_offsets, batch.inputs, batch.targets, batch.carry, batch.sessions):
+                assert array.dtype == np.int64, f"{case}, batch {i}"
