@@ -53,7 +53,7 @@ HYPER_PARAMETERS = (
     Param("n_sample", "int", 2048, min=0, max=100_000, help="negative items shared by a mini-batch, on top of its other targets"),
     Param("sample_alpha", "float", 0.5, min=0.0, max=1.0,
           help="negatives are drawn with probability ~ support**sample_alpha (0: uniform, 1: popularity)"),
-    Param("sample_store", "int", 10000000, min=1, max=100_000_000, help="negative item ids drawn ahead of time in one go"),
+    Param("sample_store", "int", 10000000, min=1, max=100_000_000, help="negative item ids per block of the drawn stream (the official sample cache)"),
     Param("optimizer.class", "str", "adagrad", choices=("adagrad", "adam", "sgd"),
           help="adagrad (with optional momentum, as the official GRU4Rec), adam or sgd; item rows are updated "
                "only where the mini-batch touched them"),
@@ -211,71 +211,73 @@ INFERENCE_OUTPUTS = ("topk_ids", "topk_scores", "next_hidden")
 
 
 class NegativeSampler:
-    """Shared negative items, drawn ahead in bulk with P(item) ~ support**alpha.
+    """Shared negative items, drawn with P(item) ~ support**alpha.
 
-    Walker's alias method: two uniform draws and one comparison per sample, so refilling a
-    store of ten million ids costs a fraction of a second (a binary search costs ~1 s).
+    Walker's alias method (one hashed 64-bit counter per draw: a uniform item and a coin). Draws
+    are counter-based: row r of block b of the stream holds draws (key, b, r * n_sample ..), so
+    each call draws just the rows it takes, on every thread (csrc: gru4rec_draw_negatives, ~3 ns
+    a draw), and a state is (key, block, row). `fill(accept, alias, key, block, start, count)`
+    draws a range; draw_negatives below is its numpy twin and the reference.
     """
 
-    def __init__(self, support, n_sample, alpha, store, seed):
+    def __init__(self, support, n_sample, alpha, store, seed, fill=None):
         weights = np.where(support > 0, support.astype(np.float64) ** alpha, 0.0)
         self.probability = weights / weights.sum()
         accept, self.alias = alias_table(self.probability)
         self.accept = accept.astype(np.float32)
         self.n_sample = n_sample
-        self.rows_per_draw = max(1, store // max(n_sample, 1))
-        self.rng = np.random.default_rng(seed)
-        self.cache = np.zeros((0, n_sample), np.int64)
-        self.pointer = 0
-        self.cache_state = None  # the generator's state before the store in use was drawn
-
-    def draw(self, size):
-        column = self.rng.integers(0, len(self.accept), size)
-        rejected = np.flatnonzero(self.rng.random(size, dtype=np.float32) >= self.accept[column])
-        column[rejected] = self.alias[column[rejected]]  # only the rejected few: a full gather costs 3x more
-        return column
+        self.rows_per_block = max(1, store // max(n_sample, 1))
+        self.key = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
+        self.fill = fill or draw_negatives
+        self.block = -1  # the block in use (-1: nothing drawn yet) ...
+        self.pointer = 0  # ... and its next row
 
     def take(self, n_steps):
         """[n_steps, n_sample] int64: one row of shared negatives per mini-batch."""
         parts = []
         while n_steps > 0:
-            if self.pointer >= len(self.cache):
-                self.refill()
-            take = min(n_steps, len(self.cache) - self.pointer)
-            parts.append(self.cache[self.pointer:self.pointer + take])
+            if self.block < 0 or self.pointer >= self.rows_per_block:
+                self.block, self.pointer = self.block + 1, 0
+            take = min(n_steps, self.rows_per_block - self.pointer)
+            drawn = self.fill(self.accept, self.alias, self.key, self.block, self.pointer * self.n_sample,
+                              take * self.n_sample)
+            parts.append(np.asarray(drawn, np.int64).reshape(take, self.n_sample))
             self.pointer += take
             n_steps -= take
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
-
-    def refill(self):
-        self.cache_state = self.rng.bit_generator.state
-        self.cache = self.draw(self.rows_per_draw * self.n_sample).reshape(-1, self.n_sample)
-        self.pointer = 0
-
     def state(self):
-        """int64 [7]: the generator state the store in use was drawn from (PCG64's two 128-bit
-        words and its 32-bit buffer), and the position in the store (-1: nothing drawn yet)."""
-        drawn = self.cache_state is not None
-        full = self.cache_state if drawn else self.rng.bit_generator.state
-        pcg = full["state"]
-        words = [(pcg["state"] >> 64) & MASK64, pcg["state"] & MASK64, (pcg["inc"] >> 64) & MASK64, pcg["inc"] & MASK64,
-                 full["has_uint32"], full["uinteger"]]
-        position = self.pointer if drawn else MASK64  # MASK64 reads back as -1: nothing drawn yet
-        return np.array(words + [position], np.uint64).view(np.int64)
+        """int64 [7]: the key, the block in use (-1: nothing drawn yet), four zeros (room kept
+        from an earlier layout) and the next row of the block."""
+        words = [self.key, self.block & MASK64, 0, 0, 0, 0, self.pointer if self.block >= 0 else MASK64]
+        return np.array(words, np.uint64).view(np.int64)
 
     def load_state(self, packed):
-        words = [int(w) for w in np.asarray(packed, np.int64).view(np.uint64)]
-        state = self.rng.bit_generator.state
-        state["state"] = {"state": (words[0] << 64) | words[1], "inc": (words[2] << 64) | words[3]}
-        state["has_uint32"], state["uinteger"] = words[4], words[5]
-        self.rng.bit_generator.state = state
-        pointer = int(np.array([words[6]], np.uint64).view(np.int64)[0])
-        if pointer >= 0:
-            self.refill()
-            self.pointer = pointer
-        else:
-            self.cache, self.cache_state, self.pointer = np.zeros((0, self.n_sample), np.int64), None, 0
+        words = np.asarray(packed, np.int64)
+        self.key = int(words[:1].view(np.uint64)[0])
+        block, pointer = int(words[1]), int(words[6])
+        self.block, self.pointer = (block, pointer) if block >= 0 and pointer >= 0 else (-1, 0)
+
+
+def mix64(z):
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic), as csrc's mix64."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def draw_negatives(accept, alias, key, block, start, count):
+    """int64 [count]: draws start .. start + count - 1 of block `block` (csrc's gru4rec_draw_negatives)."""
+    def mix(value):
+        return int(mix64(np.array([value & MASK64], np.uint64))[0])
+
+    base = np.uint64(mix(mix(key) ^ mix(block + 1)))
+    h = mix64(np.arange(start + 1, start + count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + base)
+    column = (((h >> np.uint64(32)) * np.uint64(len(accept))) >> np.uint64(32)).astype(np.int64)
+    coin = (h & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+    rejected = np.flatnonzero(coin >= accept[column])
+    column[rejected] = alias[column[rejected]]
+    return column
 
 
 MASK64 = (1 << 64) - 1
@@ -492,7 +494,7 @@ class Model:
         if self._sampler is None:
             support = self.sampling_support()
             self._sampler = NegativeSampler(support, self.n_sample, self.hp["sample_alpha"], self.hp["sample_store"],
-                                            seed=[self.hp["seed"], 2])
+                                            seed=[self.hp["seed"], 2], fill=self.train_impl().draw_negatives)
         return self._sampler
 
     def train_step(self, batch, batch_size):
@@ -576,6 +578,7 @@ class ReferenceStep:
     gradient combining between backward and update)."""
 
     name = "reference"
+    draw_negatives = staticmethod(draw_negatives)  # NegativeSampler's fill
 
     def __init__(self, model):
         self.model = model
@@ -726,6 +729,8 @@ class FusedStep:
         self.eval_op = module.gru4rec_eval_steps
         self.backward_op = module.gru4rec_backward_step  # distributed: gradients of one step ...
         self.update_op = module.gru4rec_update_step  # ... and, once combined, their update
+        self.draw_op = module.gru4rec_draw_negatives
+        self.alias_tensors = None  # (the sampler's accept array, it and alias as tensors), made at its first draw
         support = np.maximum(model.sampling_support(), 1).astype(np.float64)
         self.log_support = paddle.to_tensor(np.log(support).astype(np.float32))  # [n_items]
         self.score_mask = None  # [n_items]: 0, or -inf for items never seen in training; set at evaluation
@@ -733,6 +738,15 @@ class FusedStep:
     def parameters(self):
         net = self.model.network
         return [getattr(net, n) for n in net.param_names]
+
+    @paddle.no_grad()
+    def draw_negatives(self, accept, alias, key, block, start, count):
+        """NegativeSampler's fill on every thread; the same ids as draw_negatives (tested)."""
+        key = int(np.array([key], np.uint64).view(np.int64)[0])  # the operator takes int64 attributes
+        if self.alias_tensors is None or self.alias_tensors[0] is not accept:
+            self.alias_tensors = (accept, paddle.to_tensor(accept), paddle.to_tensor(alias))
+        ids = self.draw_op(*self.alias_tensors[1:], key, int(block), int(start), int(count))
+        return np.from_dlpack(ids)  # no copy (.numpy() copies, ~4 ms per million ids)
 
     def hidden(self):
         model = self.model

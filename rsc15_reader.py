@@ -445,7 +445,7 @@ def merge(parts: List[StepBatch]) -> StepBatch:
 class Reader:
     """Reads a dataset of session files (see the module docstring) and makes its batches."""
 
-    STEPS_PER_BATCH = 64  # session-parallel steps handed to the model per call
+    STEPS_PER_BATCH = 256  # session-parallel steps handed to the model per call
 
     def __init__(self, data_path: str, vocab_path: str = ""):
         self.data_path = data_path

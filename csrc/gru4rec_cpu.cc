@@ -81,7 +81,7 @@ struct MklThreads {
 constexpr int kMaxThreads = 256;
 constexpr int64_t kColTile = 128;  // output columns (items) per tile
 constexpr int64_t kEvalRows = 64;  // evaluation rows per tile (scored against every item)
-constexpr int64_t kRowTile = 8;    // training rows per tile (forward and backward through the GRU)
+constexpr int64_t kRowTile = 16;   // training rows per tile (forward and backward through the GRU)
 constexpr int64_t kChunk = 4096;   // elements per task of an elementwise (dense) update
 
 int team_size() { return std::max(1, std::min(kMaxThreads, MKL_Get_Max_Threads())); }
@@ -403,7 +403,7 @@ struct Layer {
 // One piece of the update: a chunk of a dense parameter, or a block of a sparse one's rows.
 struct UpdateTask {
   const Param* param;
-  const float* grad;   // dense: the whole gradient; sparse: null
+  const float* grad;   // dense: the parameter's gradient in the first part (see Trainer::DenseParts); sparse: null
   SparseRows* rows;    // sparse: the gathered rows; dense: null
   int64_t lo, hi;      // dense: element range; sparse: slot range
 };
@@ -629,12 +629,14 @@ void layer_forward(Layer& L, const std::vector<Param>& p, int64_t r0, int64_t r1
 struct Scratch {
   std::vector<float> prev_hidden, next_hidden, h_all, x0, mask0, out_rows, out_bias, scores, shift, d_x, d_x_tiles,
       d_out_rows, d_bias, dense_grad, dense_tiles;
+  std::vector<std::vector<float>> member_chunk;  // per thread: one summed chunk of the dense gradient
   std::vector<int64_t> cols;
   std::vector<float> weights;  // copies per output column (negatives drawn more than once)
   std::vector<double> row_loss;
-  std::vector<int32_t> sample_slot;  // item -> its column among this step's negatives, or -1
+  std::vector<int32_t> sample_count;  // item -> times drawn among this step's negatives (0 between steps)
+  std::vector<uint64_t> sample_seen;  // bit per item: drawn this step (0 between steps)
   std::vector<std::vector<float>> member_tmp;  // per thread: loss-row scratch, then a gradient row
-  std::vector<UpdateTask> tasks;
+  std::vector<UpdateTask> tasks, dense_tasks;
   SparseRows item_emb, item_bias, input_emb;
 };
 
@@ -647,8 +649,10 @@ struct Settings {
 // One training step's arithmetic, in phases that each spread over the threads:
 //   gradients(): forward (row tiles), scores (column tiles), loss (rows), backward through the
 //   scores (column tiles), backward through the GRU layers (row tiles), then the gradients: the
-//   dense ones flat in sc.dense_grad, the item-indexed ones as merged rows in sc's SparseRows;
-//   update(): Adagrad/SGD (+ momentum) on the dense chunks and the touched rows (all threads).
+//   dense ones as one flat part per row tile (`dense`), the item-indexed ones as merged rows in
+//   sc's SparseRows;
+//   update(): Adagrad/SGD (+ momentum) on the dense chunks (each the sum of its parts, added in
+//   tile order) and the touched rows (all threads).
 // The two halves are also separate operators, so distributed training can combine the
 // gradients of several workers in between.
 struct Trainer {
@@ -665,12 +669,17 @@ struct Trainer {
       : net(net_), layers(layers_), sc(sc_), st(st_), members(members_), log_sup(log_sup_),
         upd{st_.optimizer, st_.lr, st_.momentum} {
     const int64_t n_items = net.n_items;
-    if ((int64_t)sc.sample_slot.size() != n_items) sc.sample_slot.assign(n_items, -1);
+    if ((int64_t)sc.sample_count.size() != n_items) {
+      sc.sample_count.assign(n_items, 0);
+      sc.sample_seen.assign((n_items + 63) / 64, 0);
+    }
     sc.item_emb.begin(n_items, net.d);
     sc.item_bias.begin(n_items, 1);
     if (net.separate) sc.input_emb.begin(n_items, net.in0);
     if (net.one_hot) sc.input_emb.begin(n_items, 3 * layers[0].h);
     sc.member_tmp.resize(capacity);
+    sc.member_chunk.resize(capacity);
+    for (auto& chunk : sc.member_chunk) chunk.resize(kChunk);
     sc.dense_grad.resize(net.dense_size);
   }
 
@@ -696,40 +705,45 @@ struct Trainer {
     const int d = net.d, total_h = net.total_h, in0 = net.in0, n_layers = net.n_layers;
     const int64_t n_items = net.n_items;
     const bool full = st.loss_kind == kFullSoftmax;
-    for (SparseRows* table : sparse_tables()) table->clear();
 
     // output columns: the mini-batch's targets, then the shared negatives (or every item)
     int64_t cols = full ? n_items : n + n_sample;
     sc.cols.resize(cols);
     const float* weights = nullptr;
+    const bool with_negatives = !full && n_sample > 0;
     if (full) {
       for (int64_t j = 0; j < cols; ++j) sc.cols[j] = j;
     } else {
       std::memcpy(sc.cols.data(), t_ids, sizeof(int64_t) * n);
-      if (n_sample) {
-        // A negative drawn k times is one column of weight k: identical columns have identical
-        // scores and gradients, so this is the same arithmetic with fewer products (popular items
-        // repeat often: ~1,330 distinct among 2,048 draws on the 100k RSC15 split).
-        sc.weights.assign(n, 1.f);
-        int64_t u = n;
-        for (int64_t q = 0; q < n_sample; ++q) {
-          const int64_t item = row_samples[q];
-          int32_t& slot = sc.sample_slot[item];
-          if (slot < 0) {
-            slot = (int32_t)u;
-            sc.cols[u++] = item;
-            sc.weights.push_back(1.f);
-          } else {
-            sc.weights[slot] += 1.f;
-          }
-        }
-        for (int64_t j = n; j < u; ++j) sc.sample_slot[sc.cols[j]] = -1;
-        cols = u;
-        sc.cols.resize(cols);
-        weights = sc.weights.data();
-      }
     }
-    const int64_t n_tiles = (cols + kColTile - 1) / kColTile;
+    if (with_negatives) {
+      sc.weights.assign(cols, 1.f);
+      weights = sc.weights.data();
+    }
+    // A negative drawn k times is one column of weight k: identical columns have identical scores
+    // and gradients, so this is the same arithmetic with fewer products (popular items repeat
+    // often: ~1,330 distinct among 2,048 draws on the 100k RSC15 split). The negatives' columns go
+    // in item order: then the threads' shares of column tiles and of the update's row blocks
+    // cover about the same item ranges, and an item's rows tend to stay in the cache of the thread
+    // that gathers, differentiates and updates them. Runs as one task beside the forward's row
+    // tiles (nothing before the scores needs it); returns the number of columns.
+    auto merge_negatives = [&]() -> int64_t {
+      for (int64_t q = 0; q < n_sample; ++q) {
+        const int64_t item = row_samples[q];
+        if (sc.sample_count[item]++ == 0) sc.sample_seen[item >> 6] |= (uint64_t)1 << (item & 63);
+      }
+      int64_t u = n;
+      for (size_t w = 0; w < sc.sample_seen.size(); ++w) {
+        for (uint64_t bits = sc.sample_seen[w]; bits; bits &= bits - 1) {
+          const int64_t item = (int64_t)(w << 6) + __builtin_ctzll(bits);
+          sc.cols[u] = item;
+          sc.weights[u++] = (float)sc.sample_count[item];
+          sc.sample_count[item] = 0;
+        }
+        sc.sample_seen[w] = 0;
+      }
+      return u;
+    };
     const int64_t row_tiles = (n + kRowTile - 1) / kRowTile;
 
     // carried hidden state [n, total_h]
@@ -754,7 +768,13 @@ struct Trainer {
         L.mask.clear();
     }
     sc.next_hidden.resize((int64_t)n * total_h);
-    parallel_for(members, row_tiles, [&](int64_t t, int) {
+    const int extra = with_negatives ? 1 : 0;  // task 0: merge_negatives
+    parallel_for(members, row_tiles + extra, [&](int64_t task, int) {
+      if (task < extra) {
+        cols = merge_negatives();
+        return;
+      }
+      const int64_t t = task - extra;
       const int64_t r0 = t * kRowTile, r1 = std::min<int64_t>(n, r0 + kRowTile);
       if (!net.one_hot) {
         const float* table = p[net.separate ? 0 : net.item_emb].value;
@@ -777,6 +797,9 @@ struct Trainer {
       }
     });
     const float* x = layers[n_layers - 1].out.data();  // [n, d]
+    sc.cols.resize(cols);
+    sc.weights.resize(weights ? cols : 0);
+    const int64_t n_tiles = (cols + kColTile - 1) / kColTile;
 
     // ---- scores [n, cols] = x @ out_rows^T, per column tile (the bias is added with the loss) ----
     sc.out_rows.resize(cols * d);
@@ -847,7 +870,6 @@ struct Trainer {
         }
         gemm(false, false, n, d, w, ds + j0, (int)cols, &sc.out_rows[j0 * d], d, &sc.d_x_tiles[t * nd], d);
       });
-      sum_parts(sc.d_x_tiles.data(), n_tiles, nd, sc.d_x.data());
     }
 
     // ---- backward through the GRU layers, per row tile; the weight gradients per tile ----
@@ -858,6 +880,12 @@ struct Trainer {
       const int64_t r0 = t * kRowTile, r1 = std::min<int64_t>(n, r0 + kRowTile);
       const int mr = (int)(r1 - r0);
       float* part = &sc.dense_tiles[t * G];
+      // this tile's rows of d_x: the column tiles' parts, added in tile order
+      for (int64_t e = r0 * d; e < r1 * d; ++e) {
+        float sum = sc.d_x_tiles[e];
+        for (int64_t c = 1; c < n_tiles; ++c) sum += sc.d_x_tiles[c * nd + e];
+        sc.d_x[e] = sum;
+      }
       float* d_out = sc.d_x.data();  // gradient w.r.t. the current layer's (dropped-out) output, [n, h]
       for (int l = n_layers - 1; l >= 0; --l) {
         Layer& L = layers[l];
@@ -904,13 +932,16 @@ struct Trainer {
       if (!net.one_hot && st.dropout_embed > 0)
         for (int64_t e = r0 * in0; e < r1 * in0; ++e) layers[0].d_in[e] *= sc.mask0[e];
     });
-    sum_parts(sc.dense_tiles.data(), row_tiles, G, sc.dense_grad.data());
+    // the row tiles' dense gradients are summed (in tile order) by the update, chunk by chunk,
+    // rather than here by one thread: see dense
+    dense = {sc.dense_tiles.data(), row_tiles};
 
     // ---- the item-indexed gradients: sources in a fixed order (columns, then inputs), one
     // table per task ----
     std::vector<SparseRows*> tables = sparse_tables();
     parallel_for(members, (int64_t)tables.size(), [&](int64_t k, int) {
       SparseRows& table = *tables[k];
+      table.clear();  // last step's rows, cleared by the thread that fills the table (its cache lines)
       if (&table == &sc.item_emb)
         for (int64_t j = 0; j < cols; ++j) table.add(sc.cols[j], &sc.d_out_rows[j * d]);
       if (&table == &sc.item_bias)
@@ -941,15 +972,30 @@ struct Trainer {
     });
   }
 
-  // the update from sc.dense_grad and the finished SparseRows: dense chunks and blocks of
+  // The dense gradient as `count` consecutive arrays of net.dense_size floats, to be added in order:
+  // the row tiles' parts after gradients(), or one combined gradient (gru4rec_update_step).
+  struct DenseParts {
+    const float* first = nullptr;
+    int64_t count = 0;
+  } dense;
+
+  // sc.dense_grad = the sum of the dense parts (for an operator that returns the gradient)
+  void sum_dense() {
+    if (dense.first != sc.dense_grad.data()) sum_parts(dense.first, dense.count, net.dense_size, sc.dense_grad.data());
+    dense = {sc.dense_grad.data(), 1};
+  }
+
+  // the update from the dense parts and the finished SparseRows: dense chunks and blocks of
   // touched rows, all threads at once
   void update() {
     std::vector<Param>& p = net.p;
     std::vector<UpdateTask>& tasks = sc.tasks;
+    std::vector<UpdateTask>& dense_tasks = sc.dense_tasks;
     tasks.clear();
+    dense_tasks.clear();
     auto add_dense = [&](int index, int64_t offset) {
       for (int64_t lo = 0; lo < p[index].size; lo += kChunk)
-        tasks.push_back({&p[index], sc.dense_grad.data() + offset, nullptr, lo, std::min(p[index].size, lo + kChunk)});
+        dense_tasks.push_back({&p[index], dense.first + offset, nullptr, lo, std::min(p[index].size, lo + kChunk)});
     };
     for (const Layer& L : layers) {
       if (L.g_w_ih >= 0) add_dense(L.w_ih, L.g_w_ih);
@@ -962,12 +1008,33 @@ struct Trainer {
       for (int64_t lo = 0; lo < (int64_t)table->items.size(); lo += block)
         tasks.push_back({&sparse_param(table), nullptr, table, lo, std::min<int64_t>(table->items.size(), lo + block)});
     }
+    // The dense chunks spread evenly among the row blocks: a thread's contiguous share of the
+    // tasks then holds about its share of the item rows, in the order of the column tiles it had.
+    const size_t n_rows = tasks.size(), n_dense = dense_tasks.size(), total = n_rows + n_dense;
+    tasks.resize(total);
+    for (size_t k = total, r = n_rows, q = n_dense; k-- > 0;) {
+      // dense chunk q - 1 goes where its share of the positions says (place from the end, in place)
+      if (q > 0 && (r == 0 || (2 * (q - 1) + 1) * total >= 2 * k * n_dense))
+        tasks[k] = dense_tasks[--q];
+      else
+        tasks[k] = tasks[--r];
+    }
     parallel_for(members, (int64_t)tasks.size(), [&](int64_t k, int m) {
       const UpdateTask& task = tasks[k];
       const Param& q = *task.param;
       if (task.rows == nullptr) {
         const int64_t o = task.lo, len = task.hi - task.lo;
-        upd.apply(q.value + o, task.grad + o, q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, len);
+        const float* g = task.grad + o;
+        if (dense.count > 1) {  // this chunk of the parts' sum, added in part order
+          float* sum = sc.member_chunk[m].data();
+          std::memcpy(sum, g, sizeof(float) * len);
+          for (int64_t t = 1; t < dense.count; ++t) {
+            const float* part = g + t * net.dense_size;
+            for (int64_t e = 0; e < len; ++e) sum[e] += part[e];
+          }
+          g = sum;
+        }
+        upd.apply(q.value + o, g, q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, len);
         return;
       }
       const SparseRows& g = *task.rows;
@@ -984,7 +1051,6 @@ struct Trainer {
         upd.apply(q.value + o, g.gradient(r, sum), q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, w);
       }
     });
-    for (SparseRows* table : sparse_tables()) table->clear();
   }
 };
 
@@ -1147,6 +1213,7 @@ std::vector<paddle::Tensor> Gru4recBackwardStep(const std::vector<paddle::Tensor
     for (SparseRows* table : trainer.sparse_tables()) table->clear();
     for (SparseRows* table : trainer.sparse_tables()) table->finish();
   } else {
+    trainer.sum_dense();
     std::memcpy(dense.data<float>(), sc.dense_grad.data(), sizeof(float) * net.dense_size);
   }
   float* row_scratch = sc.member_tmp[0].data();
@@ -1179,6 +1246,7 @@ std::vector<paddle::Tensor> Gru4recUpdateStep(
   for (auto& tmp : sc.member_tmp) tmp.resize(std::max(net.d, 3 * net.total_h + net.in0));
   PD_CHECK(dense.numel() == net.dense_size, "dense gradient of ", dense.numel(), " values for ", net.dense_size);
   std::memcpy(sc.dense_grad.data(), dense.data<float>(), sizeof(float) * net.dense_size);
+  trainer.dense = {sc.dense_grad.data(), 1};
   const paddle::Tensor* rows[3] = {&item_rows, &bias_rows, &input_rows};
   const paddle::Tensor* grads[3] = {&item_grads, &bias_grads, &input_grads};
   std::vector<SparseRows*> tables = trainer.sparse_tables();
@@ -1189,6 +1257,7 @@ std::vector<paddle::Tensor> Gru4recUpdateStep(
     const int64_t* ids = rows[k]->data<int64_t>();
     check_ids(ids, m, net.n_items, "gradient rows");
     const float* g = grads[k]->data<float>();
+    tables[k]->clear();
     for (int64_t r = 0; r < m; ++r) tables[k]->add(ids[r], g + r * tables[k]->width);
     tables[k]->finish();
   }
@@ -1347,6 +1416,37 @@ std::vector<paddle::Tensor> Gru4recEvalSteps(const std::vector<paddle::Tensor>& 
   return {higher_t, equal_t, topk_ids_t, topk_scores_t, hidden_out};
 }
 
+// Shared negative items by Walker's alias method (item `column` kept with probability
+// accept[column], else alias[column]), drawn counter-based: draw k of block `block` of the stream
+// depends on (key, block, k) only, so any range of a block can be drawn on its own, the threads
+// split it any way, and model.py's numpy twin (draw_negatives) gives the same ids.
+// Draws start .. start + count - 1: int64 [count].
+std::vector<paddle::Tensor> Gru4recDrawNegatives(const paddle::Tensor& accept, const paddle::Tensor& alias,
+                                                 int64_t key, int64_t block, int64_t start, int64_t count) {
+  const int64_t n = accept.numel();
+  PD_CHECK(n > 0 && alias.numel() == n, "alias table: ", n, " acceptance values and ", alias.numel(), " aliases");
+  PD_CHECK(n < ((int64_t)1 << 32), "alias table of ", n, " items: at most 2^32 - 1");
+  PD_CHECK(count >= 0 && start >= 0, "negative samples ", start, " + ", count);
+  const int members = team_size();
+  Team::get().ensure(members);
+  auto out = paddle::empty({count}, paddle::DataType::INT64, paddle::CPUPlace());
+  int64_t* ids = out.data<int64_t>();
+  const float* keep = accept.data<float>();
+  const int64_t* other = alias.data<int64_t>();
+  const uint64_t base = mix64(mix64((uint64_t)key) ^ mix64((uint64_t)block + 1));
+  constexpr int64_t kDraws = (int64_t)1 << 16;  // draws per task
+  parallel_for(members, (count + kDraws - 1) / kDraws, [&](int64_t t, int) {
+    const int64_t k1 = std::min(count, (t + 1) * kDraws);
+    for (int64_t k = t * kDraws; k < k1; ++k) {
+      const uint64_t h = mix64(base + (uint64_t)(start + k + 1) * 0x9E3779B97F4A7C15ULL);
+      const int64_t column = (int64_t)(((h >> 32) * (uint64_t)n) >> 32);  // uniform in [0, n)
+      const float coin = (float)(h & 0xFFFFFFu) * (1.0f / 16777216.0f);   // uniform in [0, 1), 24 bits
+      ids[k] = coin < keep[column] ? column : other[column];
+    }
+  });
+  return {out};
+}
+
 namespace {
 
 // The operators' attributes, in order; csrc/kernel.py lists the same names (checked at load).
@@ -1407,6 +1507,12 @@ PD_BUILD_OP(gru4rec_update_step)
     .Outputs({"Done"})
     .Attrs(std::vector<std::string>(kApplyAttrs))
     .SetKernelFn(PD_KERNEL(Gru4recUpdateStep));
+
+PD_BUILD_OP(gru4rec_draw_negatives)
+    .Inputs({"Accept", "Alias"})
+    .Outputs({"Ids"})
+    .Attrs({"key: int64_t", "block: int64_t", "start: int64_t", "count: int64_t"})
+    .SetKernelFn(PD_KERNEL(Gru4recDrawNegatives));
 
 PD_BUILD_OP(gru4rec_layout)
     .Inputs({"Unused"})

@@ -99,8 +99,8 @@ def test_fused_evaluation_matches_reference(embedding, layers):
 
 
 def test_fused_matches_reference_when_work_is_split_between_threads():
-    """Large enough mini-batches that the fused step splits its products and loss rows over two
-    threads (see split_two in csrc/gru4rec_cpu.cc); evaluation large enough to split its rows."""
+    """Large enough mini-batches that the fused step splits its products and loss rows into many
+    tiles (see Team in csrc/gru4rec_cpu.cc); evaluation large enough to split its rows."""
     sessions = random_sessions(n_sessions=700, n_items=4000, seed=8)
     settings = {"layers": [80], "n_sample": 1500, "loss": "cross-entropy", "logq": 0.5,
                 "optimizer": {"momentum": 0.2}}
@@ -141,6 +141,8 @@ for name in model.network.param_names:
     digest.update(getattr(model.network, name).numpy().tobytes())
 for value in model.optimizer.state.values():
     digest.update(value.numpy().tobytes())
+sampler = model.sampler  # a range of negatives across the kernel's draw tasks (65,536 draws each)
+digest.update(np.asarray(model.train_impl().draw_negatives(sampler.accept, sampler.alias, 99, 3, 70000, 150000)).tobytes())
 model.begin_epoch(0, False)
 for batch in steps_of(sessions, 37, with_final=True):
     out = model.eval_step(batch, 10, "standard")
@@ -167,6 +169,22 @@ def test_results_are_bitwise_identical_for_any_thread_count(loss):
         assert done.returncode == 0, done.stderr[-2000:]
         digests[threads] = done.stdout.strip().splitlines()[-1]
     assert len(set(digests.values())) == 1, f"seed {seed}: {digests}"
+
+
+def test_kernel_draws_the_negatives_of_the_numpy_twin():
+    """The sampler's stream is the same with or without the kernel: ranges of blocks, across the
+    kernel's draw tasks, any key (the full 64 bits)."""
+    seed = 5
+    rng = np.random.default_rng(seed)
+    support = rng.integers(0, 300, 1000)
+    sampler = model_module.NegativeSampler(support, n_sample=50, alpha=0.75, store=10_000, seed=seed)
+    fused = model_module.FusedStep.__new__(model_module.FusedStep)  # only its draw operator
+    fused.draw_op, fused.alias_tensors = fused_ops.load().gru4rec_draw_negatives, None
+    for key, block, start, count in ((sampler.key, 0, 0, 5), (2 ** 64 - 1, 7, 65_530, 140_000), (0, 2 ** 40, 3, 0)):
+        expected = model_module.draw_negatives(sampler.accept, sampler.alias, key, block, start, count)
+        got = fused.draw_negatives(sampler.accept, sampler.alias, key, block, start, count)
+        np.testing.assert_array_equal(got, expected, err_msg=f"seed {seed}, key {key}, block {block}, start {start}")
+        assert support[got].min(initial=1) > 0  # never an item without clicks
 
 
 @pytest.mark.parametrize("embedding,loss", [("shared", "cross-entropy"), ("separate", "bpr-max"), ("none", "top1-max")])
