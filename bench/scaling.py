@@ -1,7 +1,7 @@
 """How training grows with threads and workers: events/s, Recall@20 and MRR@20.
 
     python bench/scaling.py [--runs 3] [--epochs 2] [--shapes 100k,full] [--max-threads N]
-                            [--max-workers N] [--geo-steps 1,8,64] [--full-events 100000]
+                            [--max-workers N] [--geo-steps 8,64,256,512] [--full-events 100000]
                             [--png scaling.png] [--json PATH] [--mkl-compare] [--workdir DIR]
 
 Configurations, each trained and evaluated by `python -m paddlerec.run` (what a user runs) on
@@ -68,7 +68,7 @@ def parse_args(argv):
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of 100k, full")
     parser.add_argument("--max-threads", type=int, default=cores, help="threads of 1 process: 1 .. N (default: cores)")
     parser.add_argument("--max-workers", type=int, default=cores, help="workers: 2 .. N (default: cores)")
-    parser.add_argument("--geo-steps", default="1,8,64", help="geo_steps values (default: 1,8,64)")
+    parser.add_argument("--geo-steps", default="8,64,256,512", help="geo_steps values (default: 8,64,256,512)")
     parser.add_argument("--no-sync", action="store_true", help="leave out the sync workers")
     parser.add_argument("--full-events", type=int, default=100_000,
                         help="training events of the generated full shape (default: %(default)s)")
