@@ -403,7 +403,7 @@ struct Layer {
 // One piece of the update: a chunk of a dense parameter, or a block of a sparse one's rows.
 struct UpdateTask {
   const Param* param;
-  const float* grad;   // dense: the parameter's gradient in the first part (see Trainer::DenseParts); sparse: null
+  const float* grad;   // dense: the parameter's whole gradient; sparse: null
   SparseRows* rows;    // sparse: the gathered rows; dense: null
   int64_t lo, hi;      // dense: element range; sparse: slot range
 };
@@ -571,33 +571,42 @@ Net parse_net(const std::vector<paddle::Tensor>& params, int embedding, std::vec
   return net;
 }
 
-// Rows [r0, r1) of one GRU layer (no dropout) into L's buffers (sized for the mini-batch by
-// L.resize): h_in, gi, gh, r, z, c, out, kept for the backward pass. L.x: [n, in] input rows, or
-// null for the one-hot first layer whose input gates are rows of w_ih picked by x_ids; h_all:
-// [n, total_h] carried states, this layer's slice at column h_off.
-void layer_forward(Layer& L, const std::vector<Param>& p, int64_t r0, int64_t r1, const float* h_all, int total_h,
-                   int h_off, const int64_t* x_ids) {
-  const int h = L.h, h3 = 3 * h;
+// One GRU layer, in pieces over L's buffers (sized for the mini-batch by L.resize): h_in, gi, gh,
+// r, z, c, out, kept for the backward pass. L.x: [n, in] input rows, or null for the one-hot
+// first layer whose input gates are rows of w_ih picked by x_ids.
+
+// gi rows [r0, r1) = b_ih + x w_ih (the input gates)
+void layer_input_gates(Layer& L, const std::vector<Param>& p, int64_t r0, int64_t r1, const int64_t* x_ids) {
+  const int h3 = 3 * L.h;
   const int m = (int)(r1 - r0);
   if (m <= 0) return;
-  for (int64_t i = r0; i < r1; ++i)
-    std::memcpy(&L.h_in[i * h], &h_all[i * total_h + h_off], sizeof(float) * h);
   const float* b_ih = p[L.b_ih].value;
-  const float* b_hh = p[L.b_hh].value;
-  float* gi_rows = &L.gi[r0 * h3];
-  float* gh_rows = &L.gh[r0 * h3];
   if (L.x == nullptr) {
     for (int64_t i = r0; i < r1; ++i) {
       const float* w = p[L.w_ih].value + x_ids[i] * h3;
       for (int k = 0; k < h3; ++k) L.gi[i * h3 + k] = w[k] + b_ih[k];
     }
-  } else {
-    for (int i = 0; i < m; ++i) std::memcpy(gi_rows + (int64_t)i * h3, b_ih, sizeof(float) * h3);
-    gemm(false, false, m, h3, L.in, L.x + r0 * L.in, L.in, p[L.w_ih].value, h3, gi_rows, h3, 1.f);
+    return;
   }
-  for (int i = 0; i < m; ++i) std::memcpy(gh_rows + (int64_t)i * h3, b_hh, sizeof(float) * h3);
+  float* gi_rows = &L.gi[r0 * h3];
+  for (int i = 0; i < m; ++i) std::memcpy(gi_rows + (int64_t)i * h3, b_ih, sizeof(float) * h3);
+  gemm(false, false, m, h3, L.in, L.x + r0 * L.in, L.in, p[L.w_ih].value, h3, gi_rows, h3, 1.f);
+}
+
+// gh rows [r0, r1) = b_hh + h_in w_hh (the hidden gates)
+void layer_hidden_gates(Layer& L, const std::vector<Param>& p, int64_t r0, int64_t r1) {
+  const int h = L.h, h3 = 3 * h;
+  const int m = (int)(r1 - r0);
+  if (m <= 0) return;
+  float* gh_rows = &L.gh[r0 * h3];
+  for (int i = 0; i < m; ++i) std::memcpy(gh_rows + (int64_t)i * h3, p[L.b_hh].value, sizeof(float) * h3);
   gemm(false, false, m, h3, h, &L.h_in[r0 * h], h, p[L.w_hh].value, h3, gh_rows, h3, 1.f);
-  // gates of all rows at once: r, z = sigmoid(.), c = tanh(.) with MKL's vector functions
+}
+
+// rows [r0, r1) of r, z = sigmoid(.), c = tanh(.) (MKL's vector functions) and out (no dropout)
+void layer_cell(Layer& L, int64_t r0, int64_t r1) {
+  const int h = L.h, h3 = 3 * h;
+  if (r1 <= r0) return;
   const int64_t e0 = r0 * h, e1 = r1 * h;
   for (int64_t i = r0; i < r1; ++i) {
     const float* gi = &L.gi[i * h3];
@@ -626,15 +635,29 @@ void layer_forward(Layer& L, const std::vector<Param>& p, int64_t r0, int64_t r1
   for (int64_t e = e0; e < e1; ++e) L.out[e] = L.c[e] + L.z[e] * (L.h_in[e] - L.c[e]);
 }
 
+// Rows [r0, r1) of one GRU layer (no dropout); h_all: [n, total_h] carried states, this layer's
+// slice at column h_off.
+void layer_forward(Layer& L, const std::vector<Param>& p, int64_t r0, int64_t r1, const float* h_all, int total_h,
+                   int h_off, const int64_t* x_ids) {
+  for (int64_t i = r0; i < r1; ++i)
+    std::memcpy(&L.h_in[i * L.h], &h_all[i * total_h + h_off], sizeof(float) * L.h);
+  layer_input_gates(L, p, r0, r1, x_ids);
+  layer_hidden_gates(L, p, r0, r1);
+  layer_cell(L, r0, r1);
+}
+
 struct Scratch {
   std::vector<float> prev_hidden, next_hidden, h_all, x0, mask0, out_rows, out_bias, scores, shift, d_x, d_x_tiles,
-      d_out_rows, d_bias, dense_grad, dense_tiles;
-  std::vector<std::vector<float>> member_chunk;  // per thread: one summed chunk of the dense gradient
+      d_out_rows, d_bias, dense_grad;
   std::vector<int64_t> cols;
   std::vector<float> weights;  // copies per output column (negatives drawn more than once)
   std::vector<double> row_loss;
   std::vector<int32_t> sample_count;  // item -> times drawn among this step's negatives (0 between steps)
   std::vector<uint64_t> sample_seen;  // bit per item: drawn this step (0 between steps)
+  // the next step's distinct negatives and their weights, merged ahead (count -1: not yet)
+  std::vector<int64_t> next_neg_items;
+  std::vector<float> next_neg_weights;
+  int64_t next_neg_count = -1;
   std::vector<std::vector<float>> member_tmp;  // per thread: loss-row scratch, then a gradient row
   std::vector<UpdateTask> tasks, dense_tasks;
   SparseRows item_emb, item_bias, input_emb;
@@ -678,9 +701,8 @@ struct Trainer {
     if (net.separate) sc.input_emb.begin(n_items, net.in0);
     if (net.one_hot) sc.input_emb.begin(n_items, 3 * layers[0].h);
     sc.member_tmp.resize(capacity);
-    sc.member_chunk.resize(capacity);
-    for (auto& chunk : sc.member_chunk) chunk.resize(kChunk);
     sc.dense_grad.resize(net.dense_size);
+    sc.next_neg_count = -1;  // nothing merged ahead from an earlier call
   }
 
   std::vector<SparseRows*> sparse_tables() {
@@ -694,13 +716,39 @@ struct Trainer {
     return net.p[net.separate ? 0 : layers[0].w_ih];
   }
 
+  // A negative drawn k times is one column of weight k: identical columns have identical scores
+  // and gradients, so this is the same arithmetic with fewer products (popular items repeat
+  // often: ~1,330 distinct among 2,048 draws on the 100k RSC15 split). The negatives' columns go
+  // in item order: then the threads' shares of column tiles and of the update's row blocks cover
+  // about the same item ranges, and an item's rows tend to stay in the cache of the thread that
+  // gathers, differentiates and updates them. Writes the distinct items of samples[0, n_sample)
+  // and their counts; returns how many.
+  int64_t merge_negatives(const int64_t* samples, int64_t n_sample, int64_t* items, float* counts) {
+    for (int64_t q = 0; q < n_sample; ++q) {
+      const int64_t item = samples[q];
+      if (sc.sample_count[item]++ == 0) sc.sample_seen[item >> 6] |= (uint64_t)1 << (item & 63);
+    }
+    int64_t u = 0;
+    for (size_t w = 0; w < sc.sample_seen.size(); ++w) {
+      for (uint64_t bits = sc.sample_seen[w]; bits; bits &= bits - 1) {
+        const int64_t item = (int64_t)(w << 6) + __builtin_ctzll(bits);
+        items[u] = item;
+        counts[u++] = (float)sc.sample_count[item];
+        sc.sample_count[item] = 0;
+      }
+      sc.sample_seen[w] = 0;
+    }
+    return u;
+  }
+
   // The step's rows: inputs x_ids, targets t_ids, carry c_ids ([n] each; carry: row of the
-  // previous step, -1: a new session); row_samples: its n_sample shared negatives. prev: the
-  // previous step's [prev_rows, total_h] states; writes sc.next_hidden. Returns the summed row
-  // loss; when it is not finite nothing else is computed.
+  // previous step, -1: a new session); row_samples: its n_sample shared negatives, next_samples
+  // the next step's (or null: merged then, during this step's backward, where a thread has
+  // time to spare). prev: the previous step's [prev_rows, total_h] states; writes
+  // sc.next_hidden. Returns the summed row loss; when it is not finite nothing else is computed.
   double gradients(int n, const int64_t* x_ids, const int64_t* t_ids, const int64_t* c_ids,
-                   const int64_t* row_samples, int64_t n_sample, const float* prev, int64_t prev_rows,
-                   uint64_t step_key) {
+                   const int64_t* row_samples, const int64_t* next_samples, int64_t n_sample, const float* prev,
+                   int64_t prev_rows, uint64_t step_key) {
     std::vector<Param>& p = net.p;
     const int d = net.d, total_h = net.total_h, in0 = net.in0, n_layers = net.n_layers;
     const int64_t n_items = net.n_items;
@@ -720,30 +768,17 @@ struct Trainer {
       sc.weights.assign(cols, 1.f);
       weights = sc.weights.data();
     }
-    // A negative drawn k times is one column of weight k: identical columns have identical scores
-    // and gradients, so this is the same arithmetic with fewer products (popular items repeat
-    // often: ~1,330 distinct among 2,048 draws on the 100k RSC15 split). The negatives' columns go
-    // in item order: then the threads' shares of column tiles and of the update's row blocks
-    // cover about the same item ranges, and an item's rows tend to stay in the cache of the thread
-    // that gathers, differentiates and updates them. Runs as one task beside the forward's row
-    // tiles (nothing before the scores needs it); returns the number of columns.
-    auto merge_negatives = [&]() -> int64_t {
-      for (int64_t q = 0; q < n_sample; ++q) {
-        const int64_t item = row_samples[q];
-        if (sc.sample_count[item]++ == 0) sc.sample_seen[item >> 6] |= (uint64_t)1 << (item & 63);
-      }
-      int64_t u = n;
-      for (size_t w = 0; w < sc.sample_seen.size(); ++w) {
-        for (uint64_t bits = sc.sample_seen[w]; bits; bits &= bits - 1) {
-          const int64_t item = (int64_t)(w << 6) + __builtin_ctzll(bits);
-          sc.cols[u] = item;
-          sc.weights[u++] = (float)sc.sample_count[item];
-          sc.sample_count[item] = 0;
-        }
-        sc.sample_seen[w] = 0;
-      }
-      return u;
-    };
+    // the negatives: merged during the last step, or here as one task beside the forward's row
+    // tiles (nothing before the scores needs them)
+    bool merge_here = false;
+    if (with_negatives && sc.next_neg_count >= 0) {
+      std::memcpy(&sc.cols[n], sc.next_neg_items.data(), sizeof(int64_t) * sc.next_neg_count);
+      std::memcpy(&sc.weights[n], sc.next_neg_weights.data(), sizeof(float) * sc.next_neg_count);
+      cols = n + sc.next_neg_count;
+    } else {
+      merge_here = with_negatives;
+    }
+    sc.next_neg_count = -1;
     const int64_t row_tiles = (n + kRowTile - 1) / kRowTile;
 
     // carried hidden state [n, total_h]
@@ -754,7 +789,12 @@ struct Trainer {
       if (c >= 0) std::memcpy(&sc.h_all[(int64_t)i * total_h], prev + c * total_h, sizeof(float) * total_h);
     }
 
-    // ---- forward, per row tile ----
+    // ---- forward: the rows' inputs and carried states (row tiles); then per layer its input gates
+    // and its hidden gates (two tasks, each a product with one weight matrix over every row), then
+    // the cell (row tiles). One thread multiplies by w_ih and another by w_hh: each reads the
+    // matrix it updated in the last step's update (the dense chunks of w_ih come first in the
+    // update's task list, so its first share), which stays in its cache, instead of every thread
+    // fetching every weight the other threads have just written. ----
     if (!net.one_hot) sc.x0.resize((int64_t)n * in0);
     if (!net.one_hot && st.dropout_embed > 0) sc.mask0.resize((int64_t)n * in0);
     for (int l = 0; l < n_layers; ++l) {
@@ -768,34 +808,43 @@ struct Trainer {
         L.mask.clear();
     }
     sc.next_hidden.resize((int64_t)n * total_h);
-    const int extra = with_negatives ? 1 : 0;  // task 0: merge_negatives
-    parallel_for(members, row_tiles + extra, [&](int64_t task, int) {
-      if (task < extra) {
-        cols = merge_negatives();
+    parallel_for(members, row_tiles + (merge_here ? 1 : 0), [&](int64_t t, int) {
+      if (t == row_tiles) {  // the last task
+        cols = n + merge_negatives(row_samples, n_sample, &sc.cols[n], &sc.weights[n]);
         return;
       }
-      const int64_t t = task - extra;
       const int64_t r0 = t * kRowTile, r1 = std::min<int64_t>(n, r0 + kRowTile);
+      int h_off = 0;
+      for (Layer& L : layers) {
+        for (int64_t i = r0; i < r1; ++i)
+          std::memcpy(&L.h_in[i * L.h], &sc.h_all[i * total_h + h_off], sizeof(float) * L.h);
+        h_off += L.h;
+      }
       if (!net.one_hot) {
         const float* table = p[net.separate ? 0 : net.item_emb].value;
         for (int64_t i = r0; i < r1; ++i)
           std::memcpy(&sc.x0[i * in0], table + x_ids[i] * in0, sizeof(float) * in0);
         if (st.dropout_embed > 0) dropout_rows(sc.x0.data(), sc.mask0.data(), in0, r0, r1, st.dropout_embed, step_key, 0);
       }
-      int h_off = 0;
-      for (int l = 0; l < n_layers; ++l) {
-        Layer& L = layers[l];
-        layer_forward(L, p, r0, r1, sc.h_all.data(), total_h, h_off, x_ids);
-        if (!L.mask.empty()) {
-          const float p_drop = (net.one_hot && l == 0) ? st.dropout_embed : st.dropout_hidden;
-          dropout_rows(L.out.data(), L.mask.data(), L.h, r0, r1, p_drop, step_key, 1 + l);
-        }
+    });
+    for (int l = 0, h_off = 0; l < n_layers; h_off += layers[l].h, ++l) {
+      Layer& L = layers[l];
+      parallel_for(members, 2, [&](int64_t t, int) {
+        if (t == 0)
+          layer_input_gates(L, p, 0, n, x_ids);
+        else
+          layer_hidden_gates(L, p, 0, n);
+      });
+      const float p_drop = (net.one_hot && l == 0) ? st.dropout_embed : st.dropout_hidden;
+      parallel_for(members, row_tiles, [&](int64_t t, int) {
+        const int64_t r0 = t * kRowTile, r1 = std::min<int64_t>(n, r0 + kRowTile);
+        layer_cell(L, r0, r1);
+        if (!L.mask.empty()) dropout_rows(L.out.data(), L.mask.data(), L.h, r0, r1, p_drop, step_key, 1 + l);
         // the dropped-out output is also the state the next step continues from
         for (int64_t i = r0; i < r1; ++i)
           std::memcpy(&sc.next_hidden[i * total_h + h_off], &L.out[i * L.h], sizeof(float) * L.h);
-        h_off += L.h;
-      }
-    });
+      });
+    }
     const float* x = layers[n_layers - 1].out.data();  // [n, d]
     sc.cols.resize(cols);
     sc.weights.resize(weights ? cols : 0);
@@ -872,24 +921,25 @@ struct Trainer {
       });
     }
 
-    // ---- backward through the GRU layers, per row tile; the weight gradients per tile ----
+    // ---- backward through the GRU layers, top down: the gates' gradients (row tiles), then the
+    // weight gradients and the gradient w.r.t. the layer's input (two tasks over every row: the
+    // one with w_ih, the one with w_hh, as in the forward), straight into sc.dense_grad ----
     // No backpropagation through time: the carried state is a constant, but W_hh still learns.
-    const int64_t G = net.dense_size;
-    sc.dense_tiles.resize(row_tiles * G);
-    parallel_for(members, row_tiles, [&](int64_t t, int) {
-      const int64_t r0 = t * kRowTile, r1 = std::min<int64_t>(n, r0 + kRowTile);
-      const int mr = (int)(r1 - r0);
-      float* part = &sc.dense_tiles[t * G];
-      // this tile's rows of d_x: the column tiles' parts, added in tile order
-      for (int64_t e = r0 * d; e < r1 * d; ++e) {
-        float sum = sc.d_x_tiles[e];
-        for (int64_t c = 1; c < n_tiles; ++c) sum += sc.d_x_tiles[c * nd + e];
-        sc.d_x[e] = sum;
-      }
-      float* d_out = sc.d_x.data();  // gradient w.r.t. the current layer's (dropped-out) output, [n, h]
-      for (int l = n_layers - 1; l >= 0; --l) {
-        Layer& L = layers[l];
-        const int h = L.h, h3 = 3 * h;
+    float* grad = sc.dense_grad.data();
+    for (int l = n_layers - 1; l >= 0; --l) {
+      Layer& L = layers[l];
+      const int h = L.h, h3 = 3 * h;
+      // gradient w.r.t. this layer's (dropped-out) output [n, h]: from the scores (the column
+      // tiles' parts of d_x, added in tile order) or the layer above's input gradient
+      float* d_out = l + 1 < n_layers ? layers[l + 1].d_in.data() : sc.d_x.data();
+      parallel_for(members, row_tiles, [&](int64_t t, int) {
+        const int64_t r0 = t * kRowTile, r1 = std::min<int64_t>(n, r0 + kRowTile);
+        if (l + 1 == n_layers)
+          for (int64_t e = r0 * d; e < r1 * d; ++e) {
+            float sum = sc.d_x_tiles[e];
+            for (int64_t c = 1; c < n_tiles; ++c) sum += sc.d_x_tiles[c * nd + e];
+            d_out[e] = sum;
+          }
         if (!L.mask.empty())
           for (int64_t e = r0 * h; e < r1 * h; ++e) d_out[e] *= L.mask[e];
         for (int64_t i = r0; i < r1; ++i) {
@@ -913,28 +963,36 @@ struct Trainer {
             dgh[2 * h + k] = dac * r;
           }
         }
-        gemm(true, false, h, h3, mr, &L.h_in[r0 * h], h, &L.dgh[r0 * h3], h3, part + L.g_w_hh, h3);
-        float* db_ih = part + L.g_b_ih;
-        float* db_hh = part + L.g_b_hh;
-        std::memcpy(db_ih, &L.dgi[r0 * h3], sizeof(float) * h3);
-        std::memcpy(db_hh, &L.dgh[r0 * h3], sizeof(float) * h3);
-        for (int64_t i = r0 + 1; i < r1; ++i)
-          for (int k = 0; k < h3; ++k) {
-            db_ih[k] += L.dgi[i * h3 + k];
-            db_hh[k] += L.dgh[i * h3 + k];
-          }
-        if (L.x == nullptr) break;  // the one-hot input: its rows of w_ih are sparse gradients
-        gemm(true, false, L.in, h3, mr, L.x + r0 * L.in, L.in, &L.dgi[r0 * h3], h3, part + L.g_w_ih, h3);
-        // gradient w.r.t. this layer's input (the previous layer's output, or the embedding)
-        gemm(false, true, mr, L.in, h3, &L.dgi[r0 * h3], h3, p[L.w_ih].value, h3, &L.d_in[r0 * L.in], L.in);
-        d_out = L.d_in.data();
+      });
+      // with the lowest layer, the next step's negatives: the task with w_hh is the shorter one
+      const bool merge_next = l == 0 && with_negatives && next_samples != nullptr;
+      if (merge_next) {
+        sc.next_neg_items.resize(n_sample);
+        sc.next_neg_weights.resize(n_sample);
       }
-      if (!net.one_hot && st.dropout_embed > 0)
-        for (int64_t e = r0 * in0; e < r1 * in0; ++e) layers[0].d_in[e] *= sc.mask0[e];
-    });
-    // the row tiles' dense gradients are summed (in tile order) by the update, chunk by chunk,
-    // rather than here by one thread: see dense
-    dense = {sc.dense_tiles.data(), row_tiles};
+      parallel_for(members, merge_next ? 3 : 2, [&](int64_t t, int) {
+        if (t == 2) {
+          sc.next_neg_count = merge_negatives(next_samples, n_sample, sc.next_neg_items.data(),
+                                              sc.next_neg_weights.data());
+          return;
+        }
+        const std::vector<float>& dg = t == 0 ? L.dgi : L.dgh;
+        float* db = grad + (t == 0 ? L.g_b_ih : L.g_b_hh);
+        std::memcpy(db, dg.data(), sizeof(float) * h3);
+        for (int64_t i = 1; i < n; ++i)
+          for (int k = 0; k < h3; ++k) db[k] += dg[i * h3 + k];
+        if (t == 1) {
+          gemm(true, false, h, h3, n, L.h_in.data(), h, L.dgh.data(), h3, grad + L.g_w_hh, h3);
+          return;
+        }
+        if (L.x == nullptr) return;  // the one-hot input: its rows of w_ih are sparse gradients (dgi rows)
+        gemm(true, false, L.in, h3, n, L.x, L.in, L.dgi.data(), h3, grad + L.g_w_ih, h3);
+        // gradient w.r.t. this layer's input (the previous layer's output, or the embedding)
+        gemm(false, true, n, L.in, h3, L.dgi.data(), h3, p[L.w_ih].value, h3, L.d_in.data(), L.in);
+        if (l == 0 && st.dropout_embed > 0)
+          for (int64_t e = 0; e < (int64_t)n * in0; ++e) L.d_in[e] *= sc.mask0[e];
+      });
+    }
 
     // ---- the item-indexed gradients: sources in a fixed order (columns, then inputs), one
     // table per task ----
@@ -958,34 +1016,8 @@ struct Trainer {
     return loss;
   }
 
-  // parts: `count` arrays of `size` floats; out = their sum, added in array order (chunks in parallel)
-  void sum_parts(const float* parts, int64_t count, int64_t size, float* out) {
-    const int64_t chunks = (size + kChunk - 1) / kChunk;
-    // small sums stay on this thread: spreading them costs more than it saves (measured)
-    parallel_for(count * size >= (int64_t)1 << 20 ? members : 1, chunks, [&](int64_t c, int) {
-      const int64_t e0 = c * kChunk, e1 = std::min(size, e0 + kChunk);
-      std::memcpy(out + e0, parts + e0, sizeof(float) * (e1 - e0));
-      for (int64_t t = 1; t < count; ++t) {
-        const float* part = parts + t * size;
-        for (int64_t e = e0; e < e1; ++e) out[e] += part[e];
-      }
-    });
-  }
 
-  // The dense gradient as `count` consecutive arrays of net.dense_size floats, to be added in order:
-  // the row tiles' parts after gradients(), or one combined gradient (gru4rec_update_step).
-  struct DenseParts {
-    const float* first = nullptr;
-    int64_t count = 0;
-  } dense;
-
-  // sc.dense_grad = the sum of the dense parts (for an operator that returns the gradient)
-  void sum_dense() {
-    if (dense.first != sc.dense_grad.data()) sum_parts(dense.first, dense.count, net.dense_size, sc.dense_grad.data());
-    dense = {sc.dense_grad.data(), 1};
-  }
-
-  // the update from the dense parts and the finished SparseRows: dense chunks and blocks of
+  // the update from sc.dense_grad and the finished SparseRows: dense chunks and blocks of
   // touched rows, all threads at once
   void update() {
     std::vector<Param>& p = net.p;
@@ -995,7 +1027,7 @@ struct Trainer {
     dense_tasks.clear();
     auto add_dense = [&](int index, int64_t offset) {
       for (int64_t lo = 0; lo < p[index].size; lo += kChunk)
-        dense_tasks.push_back({&p[index], dense.first + offset, nullptr, lo, std::min(p[index].size, lo + kChunk)});
+        dense_tasks.push_back({&p[index], sc.dense_grad.data() + offset, nullptr, lo, std::min(p[index].size, lo + kChunk)});
     };
     for (const Layer& L : layers) {
       if (L.g_w_ih >= 0) add_dense(L.w_ih, L.g_w_ih);
@@ -1024,17 +1056,7 @@ struct Trainer {
       const Param& q = *task.param;
       if (task.rows == nullptr) {
         const int64_t o = task.lo, len = task.hi - task.lo;
-        const float* g = task.grad + o;
-        if (dense.count > 1) {  // this chunk of the parts' sum, added in part order
-          float* sum = sc.member_chunk[m].data();
-          std::memcpy(sum, g, sizeof(float) * len);
-          for (int64_t t = 1; t < dense.count; ++t) {
-            const float* part = g + t * net.dense_size;
-            for (int64_t e = 0; e < len; ++e) sum[e] += part[e];
-          }
-          g = sum;
-        }
-        upd.apply(q.value + o, g, q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, len);
+        upd.apply(q.value + o, task.grad + o, q.acc ? q.acc + o : nullptr, q.mom ? q.mom + o : nullptr, len);
         return;
       }
       const SparseRows& g = *task.rows;
@@ -1140,8 +1162,9 @@ std::vector<paddle::Tensor> Gru4recTrainSteps(const std::vector<paddle::Tensor>&
       loss_out[s] = 0.f;
       continue;
     }
+    const int64_t* next_smp = smp && s + 1 < n_steps ? smp + (s + 1) * n_sample : nullptr;
     const double loss = trainer.gradients(n, in_ids + lo, tg_ids + lo, car + lo, smp ? smp + s * n_sample : nullptr,
-                                          n_sample, sc.prev_hidden.data(), prev_rows, step_key(seed, s));
+                                          next_smp, n_sample, sc.prev_hidden.data(), prev_rows, step_key(seed, s));
     loss_out[s] = (float)loss;  // the sum over rows; the gradients are those of loss / batch_size
     if (!std::isfinite(loss)) {
       // stop before the update: the caller reports this step and keeps the last good checkpoint
@@ -1201,7 +1224,7 @@ std::vector<paddle::Tensor> Gru4recBackwardStep(const std::vector<paddle::Tensor
   PD_CHECK(loss_kind == kFullSoftmax || n_sample > 0 || n >= 2, "a lone row without shared negatives has no loss");
   const int64_t prev_rows = hidden.numel() ? hidden.shape()[0] : 0;
   const double loss = trainer.gradients(n, inputs.data<int64_t>(), targets.data<int64_t>(), carry.data<int64_t>(),
-                                        smp, n_sample, hidden.data<float>(), prev_rows, step_key(seed, 0));
+                                        smp, nullptr, n_sample, hidden.data<float>(), prev_rows, step_key(seed, 0));
   auto loss_t = paddle::empty({1}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   loss_t.data<float>()[0] = (float)loss;
   auto hidden_out = paddle::empty({(int64_t)n, (int64_t)net.total_h}, paddle::DataType::FLOAT32, paddle::CPUPlace());
@@ -1213,7 +1236,6 @@ std::vector<paddle::Tensor> Gru4recBackwardStep(const std::vector<paddle::Tensor
     for (SparseRows* table : trainer.sparse_tables()) table->clear();
     for (SparseRows* table : trainer.sparse_tables()) table->finish();
   } else {
-    trainer.sum_dense();
     std::memcpy(dense.data<float>(), sc.dense_grad.data(), sizeof(float) * net.dense_size);
   }
   float* row_scratch = sc.member_tmp[0].data();
@@ -1246,7 +1268,6 @@ std::vector<paddle::Tensor> Gru4recUpdateStep(
   for (auto& tmp : sc.member_tmp) tmp.resize(std::max(net.d, 3 * net.total_h + net.in0));
   PD_CHECK(dense.numel() == net.dense_size, "dense gradient of ", dense.numel(), " values for ", net.dense_size);
   std::memcpy(sc.dense_grad.data(), dense.data<float>(), sizeof(float) * net.dense_size);
-  trainer.dense = {sc.dense_grad.data(), 1};
   const paddle::Tensor* rows[3] = {&item_rows, &bias_rows, &input_rows};
   const paddle::Tensor* grads[3] = {&item_grads, &bias_grads, &input_grads};
   std::vector<SparseRows*> tables = trainer.sparse_tables();
