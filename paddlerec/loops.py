@@ -15,6 +15,7 @@ from .config import LEGACY_HINTS, Config
 from .contract import DataInfo, EvalOutput
 from .errors import ConfigError, PluginError, TrainingError, UserError
 from .metrics import RankMetrics
+from . import termination
 from .params import validate_section
 from .plugins import load_file, where
 from .progress import progress_bar
@@ -128,6 +129,7 @@ def train_epoch(model, batches, batch_size, epoch, print_interval, show_progress
     with bar:
         for batch in batches:
             # summed row losses per mini-batch the batch holds: float [batch.n_steps]
+            termination.check()
             losses = np.asarray(model.train_step(batch, batch_size), dtype=np.float64)
             step_events = np.asarray(batch.step_events, dtype=np.int64)  # int64 [batch.n_steps]
             bad = np.flatnonzero(~np.isfinite(losses))
@@ -166,6 +168,7 @@ def evaluate(model, reader, batch_size, cutoffs, tie_mode, topk, show_progress=F
     with bar:
         for batch in reader.batches(batch_size, training=False, known_items=model.known_items(),
                                     recommend=on_output is not None, **extra):
+            termination.check()
             out = model.eval_step(batch, topk, tie_mode)
             metrics.add(out.ranks)
             if lists is not None:

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 
+from . import termination
 from .errors import CheckpointError, ConfigError
 from .files import temporary_name
 from .loops import RunContext, StopMode, select_device
@@ -123,6 +124,7 @@ def run(ctx: RunContext):
         started = time.perf_counter()
         log.info("runner %s (%s) starts", runner_name, runner["class"])
         outcome = RUNNER_CLASSES[runner["class"]].run_function()(ctx, runner_name)
+        termination.check()  # a SIGTERM its last steps swallowed (see termination.check)
         log.info("runner %s done in %.1fs", runner_name, time.perf_counter() - started)
         if isinstance(outcome, StopMode):
             log.info("%s", outcome.reason)

@@ -23,10 +23,24 @@ class Terminated(BaseException):
     exit_code = EXIT_CODE
 
 
+_received = False  # SIGTERM arrived within sigterm_raises()
+
+
 def _raise_terminated(signum, frame):
+    global _received
+    _received = True
     # a second SIGTERM while the first unwinds must not interrupt the cleanup it runs
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
+
+
+def check():
+    """Raise Terminated if SIGTERM arrived. The handler raises wherever Python happens to be, and
+    where that is a weakref callback or a __del__ (matplotlib drawing the curves, say) Python
+    prints "Exception ignored" and carries on: the loops call this between batches so such a
+    signal still ends the run."""
+    if _received:
+        raise Terminated()
 
 
 @contextmanager
@@ -35,6 +49,8 @@ def sigterm_raises():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _received
+    _received = False
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

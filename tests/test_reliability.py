@@ -725,3 +725,30 @@ def test_readme_lists_the_new_messages():
     for fragment in ("appears twice", "alias bomb", "not UTF-8 text", "must be a finite number", "sha256 differs",
                      "nothing to train on", "0 targets", "symbolic link", "terminated (SIGTERM)", "143"):
         assert fragment in readme, fragment
+
+
+def test_sigterm_swallowed_where_python_ignores_exceptions_still_ends_the_run():
+    """A SIGTERM whose handler runs inside a weakref callback (matplotlib drawing the curves) is
+    printed as "Exception ignored" by Python; termination.check(), which the loops call between
+    batches, must still raise it."""
+    import gc
+    import weakref
+
+    from paddlerec import termination
+
+    class Thing:
+        pass
+
+    def callback(_ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # bytecodes: the handler runs here, inside the callback
+            pass
+
+    with termination.sigterm_raises():
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing
+        gc.collect()
+        assert ref() is None
+        with pytest.raises(termination.Terminated):
+            termination.check()
