@@ -55,6 +55,7 @@ def sigterm_raises():
     try:
         yield
     finally:
+        _received = False  # check() raises only within the block
         # None: the previous handler was not installed from Python (Paddle's); the default is what
         # a Python program expects after the block
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
