@@ -81,7 +81,7 @@ struct MklThreads {
 constexpr int kMaxThreads = 256;
 constexpr int64_t kColTile = 128;  // output columns (items) per tile
 constexpr int64_t kEvalRows = 64;  // evaluation rows per tile (scored against every item)
-constexpr int64_t kRowTile = 16;   // training rows per tile (forward and backward through the GRU)
+constexpr int64_t kRowTile = 16;   // training rows per tile (the GRU's elementwise work, forward and backward)
 constexpr int64_t kChunk = 4096;   // elements per task of an elementwise (dense) update
 
 int team_size() { return std::max(1, std::min(kMaxThreads, MKL_Get_Max_Threads())); }
@@ -670,12 +670,11 @@ struct Settings {
 };
 
 // One training step's arithmetic, in phases that each spread over the threads:
-//   gradients(): forward (row tiles), scores (column tiles), loss (rows), backward through the
-//   scores (column tiles), backward through the GRU layers (row tiles), then the gradients: the
-//   dense ones as one flat part per row tile (`dense`), the item-indexed ones as merged rows in
-//   sc's SparseRows;
-//   update(): Adagrad/SGD (+ momentum) on the dense chunks (each the sum of its parts, added in
-//   tile order) and the touched rows (all threads).
+//   gradients(): forward (row tiles, and per layer one task per weight matrix), scores (column
+//   tiles), loss (rows), backward through the scores (column tiles), backward through the GRU
+//   layers (row tiles, then one task per weight matrix), then the gradients: the dense ones in
+//   sc.dense_grad, the item-indexed ones as merged rows in sc's SparseRows;
+//   update(): Adagrad/SGD (+ momentum) on the dense chunks and the touched rows (all threads).
 // The two halves are also separate operators, so distributed training can combine the
 // gradients of several workers in between.
 struct Trainer {
